@@ -117,6 +117,38 @@ def still_answering_kimi(testcase: TestCase, handler: type[StillAnswering] = Sti
     )
 
 
+def sdk_client(testcase: TestCase, gateway: Any) -> openai.OpenAI:
+    """
+    An SDK client of C{gateway}'s API, no retries, closed when C{testcase}
+    ends.
+    """
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
+    )
+    testcase.addCleanup(client.close)
+    return client
+
+
+def chat_gateway(testcase: TestCase, handler: type[StillAnswering]) -> tuple[Any, openai.OpenAI]:
+    """
+    A gateway whose Kimi is a server of C{handler}'s (L{still_answering_kimi})
+    with a 0.5 s UPSTREAM_TIMEOUT and a breaker that opens at one failure,
+    and an SDK client of it; stopped when C{testcase} ends.
+    """
+    gateway = start_gateway(
+        testcase,
+        api=True,
+        providers=still_answering_kimi(testcase, handler),
+        default_provider="kimi",
+        gateway_api_keys=(GATEWAY_KEY,),
+        fallback="off",
+        upstream_timeout=0.5,
+        breaker_failures=1,
+    )
+    testcase.addCleanup(gateway.service.api_site.close_connections)
+    return gateway, sdk_client(testcase, gateway)
+
+
 class ProviderAnswerTests(TestCase):
     timeout = 30
 
@@ -127,22 +159,7 @@ class ProviderAnswerTests(TestCase):
         UPSTREAM_TIMEOUT: the answer is taken, and the breaker not charged
         (before: 504 upstream_timeout, one failure of the provider's).
         """
-        providers = still_answering_kimi(self)
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=providers,
-            default_provider="kimi",
-            gateway_api_keys=(GATEWAY_KEY,),
-            fallback="off",
-            upstream_timeout=0.5,
-            breaker_failures=1,
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
-        )
-        self.addCleanup(client.close)
+        gateway, client = chat_gateway(self, StillAnswering)
         answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         self.assertEqual(answer.choices[0].message.content, "Paris.")
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
@@ -217,21 +234,7 @@ class LargeAnswerTests(TestCase):
 
     @inlineCallbacks
     def test_chat(self) -> Any:
-        gateway = start_gateway(
-            self,
-            api=True,
-            providers=still_answering_kimi(self, LargeAnswer),
-            default_provider="kimi",
-            gateway_api_keys=(GATEWAY_KEY,),
-            fallback="off",
-            upstream_timeout=0.5,
-            breaker_failures=1,
-        )
-        self.addCleanup(gateway.service.api_site.close_connections)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
-        )
-        self.addCleanup(client.close)
+        gateway, client = chat_gateway(self, LargeAnswer)
         answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO)
         self.assertEqual(answer.choices[0].message.content, LargeAnswer.document["choices"][0]["message"]["content"])
         self.assertEqual(gateway.service.providers.get("kimi").breaker.state, "closed")
@@ -281,11 +284,7 @@ def embeddings_gateway(testcase: TestCase, handler: type[StillAnswering]) -> tup
         breaker_failures=1,
     )
     testcase.addCleanup(gateway.service.api_site.close_connections)
-    client = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{gateway.api_port}/v1", api_key=GATEWAY_KEY, max_retries=0, timeout=20
-    )
-    testcase.addCleanup(client.close)
-    return gateway, client
+    return gateway, sdk_client(testcase, gateway)
 
 
 class EmbeddingsAnswerTests(TestCase):
