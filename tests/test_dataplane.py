@@ -148,6 +148,23 @@ class DataPlaneTestCase(TestCase):
             self.assertEqual(error["code"], code)
         return error
 
+    @inlineCallbacks
+    def tls_provider(self, *names: str) -> Any:
+        """
+        An https stand-in on 127.0.0.1 (a certificate for C{names} from a
+        CA of the test's own) that answers any request 200; its port and CA.
+        """
+        ca = make_ca()
+        endpoint = SSL4ServerEndpoint(reactor, 0, ca.server_options(*names), interface="127.0.0.1")
+        resource = Resource()
+        resource.isLeaf = True  # type: ignore[misc]
+        resource.render = lambda request: b"{}"  # type: ignore[method-assign]
+        site = Site(resource)
+        site.log = lambda request: None  # type: ignore[method-assign]
+        port = yield endpoint.listen(site)
+        self.addCleanup(port.stopListening)
+        return port.getHost().port, ca
+
 
 class ChatTests(DataPlaneTestCase):
     """
@@ -1132,23 +1149,6 @@ class ErrorTests(DataPlaneTestCase):
         self.assertNotIn("KIMI_BASE_URL", error["message"])
 
     @inlineCallbacks
-    def _tls_provider(self, *names: str) -> Any:
-        """
-        An https stand-in on 127.0.0.1 (a certificate for C{names} from a
-        CA of the test's own) that answers any request 200; its port and CA.
-        """
-        ca = make_ca()
-        endpoint = SSL4ServerEndpoint(reactor, 0, ca.server_options(*names), interface="127.0.0.1")
-        resource = Resource()
-        resource.isLeaf = True  # type: ignore[misc]
-        resource.render = lambda request: b"{}"  # type: ignore[method-assign]
-        site = Site(resource)
-        site.log = lambda request: None  # type: ignore[method-assign]
-        port = yield endpoint.listen(site)
-        self.addCleanup(port.stopListening)
-        return port.getHost().port, ca
-
-    @inlineCallbacks
     def test_upstream_certificate_refused(self):
         """
         A provider whose certificate is not trusted, or not for its host
@@ -1159,7 +1159,7 @@ class ErrorTests(DataPlaneTestCase):
         address: trial s36).
         """
         events = capture_log_events(self)
-        port, ca = yield self._tls_provider("api.example.test")
+        port, ca = yield self.tls_provider("api.example.test")
         url = f"https://127.0.0.1:{port}/v1"
         for extra, said, hint in (
             ({}, "certificate verify failed", "set UPSTREAM_CA_FILE"),

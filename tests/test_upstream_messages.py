@@ -12,15 +12,13 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from openclaw.dataplane.errors import amended, for_operator, upstream_failed
 from openclaw.providers.errors import Explained
-from tests.support import capture_log_events, changed_providers, free_port, make_ca
+from tests.support import capture_log_events, changed_providers, free_port
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 
 
@@ -174,16 +172,7 @@ class ClientMessageTests(_Gateways):
         told the TLS handshake failed, not the address, nor the names in
         the certificate; the log line has them and what to set.
         """
-        ca = make_ca()
-        endpoint = SSL4ServerEndpoint(reactor, 0, ca.server_options("api.internal.test"), interface="127.0.0.1")
-        resource = Resource()
-        resource.isLeaf = True  # type: ignore[misc]
-        resource.render = lambda request: b"{}"  # type: ignore[method-assign]
-        site = Site(resource)
-        site.log = lambda request: None  # type: ignore[method-assign]
-        listening = yield endpoint.listen(site)
-        self.addCleanup(listening.stopListening)
-        port = listening.getHost().port
+        port, ca = yield self.tls_provider("api.internal.test")
         gateway = self.kimi_at(f"https://127.0.0.1:{port}/v1", upstream_ca_pem=ca.pem)
         response, text = yield self.post(gateway, {"messages": HELLO})
         self.assertEqual(response.code, 502, text)
