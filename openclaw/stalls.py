@@ -122,7 +122,10 @@ class CatchingUp:
         return False
 
 
-def _nothing() -> int:
+def nothing_arrived() -> int:
+    """
+    For a deadline whose answer's progress is not counted: nothing.
+    """
     return 0
 
 
@@ -131,7 +134,7 @@ def add_timeout(
     seconds: float,
     reactor: IReactorTime,
     on_timeout: Callable[[Any, float], Any],
-    arrived: Callable[[], int] = _nothing,
+    arrived: Callable[[], int] = nothing_arrived,
 ) -> Deferred[_T]:
     """
     C{deferred.addTimeout(seconds, reactor, onTimeoutCancel=on_timeout)},
@@ -260,4 +263,13 @@ def add_deadline(
     return deferred.addBoth(converted).addBoth(deadline.ended)
 
 
-__all__ = ["BOOT_CLOCK", "LATE_SECONDS", "CatchingUp", "add_deadline", "add_timeout", "boot_clock", "overdue"]
+__all__ = [
+    "BOOT_CLOCK",
+    "LATE_SECONDS",
+    "CatchingUp",
+    "add_deadline",
+    "add_timeout",
+    "boot_clock",
+    "nothing_arrived",
+    "overdue",
+]

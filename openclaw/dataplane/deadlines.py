@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-from openclaw.stalls import CatchingUp, overdue
+from openclaw.stalls import CatchingUp, nothing_arrived, overdue
 
 #: The setting a large answer's parts, and what was written while the
 #: transport has the connection paused, are each to be taken within: a
@@ -105,7 +105,7 @@ class ConnectionDeadlines:
         stalled: Callable[[float, str, str], object],
         grace_over: Callable[[], bool],
         keyless: Callable[[], object],
-        arrived: Callable[[], int] = lambda: 0,
+        arrived: Callable[[], int] = nothing_arrived,
     ) -> None:
         """
         @param arrived: the bytes the connection has received so far.
