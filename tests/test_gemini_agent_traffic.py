@@ -597,6 +597,41 @@ class AllowedToolsTests(DataPlaneTestCase):
             self.assertEqual(self.assertOpenAIError(text)["param"], param)
 
 
+class ToolChoiceWithoutToolsTests(DataPlaneTestCase):
+    @inlineCallbacks
+    def test_no_function_calling_config(self):
+        """
+        tool_choice "auto" or "none" with no tools, or an empty list of
+        them (an agent whose tools were all filtered out): answered, with
+        no toolConfig sent, which the Gemini API refuses without a function
+        declaration (400 "Function calling config is set without
+        function_declarations."; trial s37: it was sent).  Kimi gets the
+        request as it came.
+        """
+        client = self.sdk(self.gateway())
+        for choice in ("auto", "none"):
+            for tools in ({}, {"tools": []}):
+                yield deferToThread(
+                    client.chat.completions.create, model="x", messages=QUESTION, tool_choice=choice, **tools
+                )
+                body = self.upstream.gemini.last_body
+                self.assertNotIn("toolConfig", body)
+                self.assertNotIn("tools", body)
+                yield deferToThread(
+                    client.chat.completions.create,
+                    model="kimi/moonshot-v1-8k",
+                    messages=QUESTION,
+                    tool_choice=choice,
+                    **tools,
+                )
+                self.assertEqual(self.upstream.kimi.last_body["tool_choice"], choice)
+        # With tools, as before.
+        yield deferToThread(
+            client.chat.completions.create, model="x", messages=QUESTION, tools=TOOLS, tool_choice="none"
+        )
+        self.assertEqual(self.upstream.gemini.last_body["toolConfig"], {"functionCallingConfig": {"mode": "NONE"}})
+
+
 class ToolResultPartsTests(SynchronousTestCase):
     def test_joined_by_newline(self) -> None:
         call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}

@@ -1265,7 +1265,9 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, mo
     function response, JSON Schema keywords in C{parameters}, a C{"$ref"}
     with other keywords beside it in a JSON Schema, a penalty other than 0
     on a model that takes none (L{NO_PENALTY_MODELS}), a C{candidateCount}
-    over 1 on one that gives one candidate (L{ONE_CANDIDATE_MODELS}).
+    over 1 on one that gives one candidate (L{ONE_CANDIDATE_MODELS}), a
+    C{toolConfig.functionCallingConfig} without a function declaration
+    (pydantic/pydantic-ai #5791: the Gemini API's 400 on 2.5 models).
     """
     config = body.get("generationConfig") or {}
     if NO_PENALTY_MODELS.match(model) and (config.get("presencePenalty") or config.get("frequencyPenalty")):
@@ -1317,6 +1319,9 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, mo
                         "display_name in the function_response.parts.",
                     )
         previous = turn
+    declared = [d for tool in body.get("tools") or () for d in tool.get("functionDeclarations") or ()]
+    if (body.get("toolConfig") or {}).get("functionCallingConfig") is not None and not declared:
+        raise Reject(400, "Function calling config is set without function_declarations.")
     schemas = [(body.get("generationConfig") or {}).get("responseJsonSchema")]
     for tool in body.get("tools") or ():
         for declaration in tool.get("functionDeclarations") or ():

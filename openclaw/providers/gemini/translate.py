@@ -363,7 +363,12 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
         ]
         request["tools"] = [{"functionDeclarations": declarations}]
     choice = _tool_config(body.get("tool_choice"))
-    if choice is not None:
+    if choice is not None and tools:
+        # Not without a function to call ("auto" or "none" with no tools,
+        # or an empty list: nothing to choose; "required" is refused
+        # earlier): the Gemini API refuses a functionCallingConfig without
+        # functionDeclarations (400 "Function calling config is set
+        # without function_declarations.": pydantic/pydantic-ai #5791).
         request["toolConfig"] = {"functionCallingConfig": choice}
     config = generation_config(body, model, references)
     if config:
