@@ -8,6 +8,7 @@ error (trial s36).  Real sockets on loopback.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import reactor
@@ -15,9 +16,11 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
 from openclaw.dataplane.errors import amended, for_operator, upstream_failed
-from openclaw.providers.errors import Explained
+from openclaw.providers.errors import Explained, Scrubber, named_addresses
 from tests.support import capture_log_events, changed_providers, free_port
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 
@@ -239,3 +242,88 @@ class ClientMessageTests(_Gateways):
         self.assertIn("gemini: the provider could not be reached (connection refused)", error["message"])
         self.assertNoAddress(text, f":{port}", "127.0.0.1")
         self.assertIn(f"connection refused by 127.0.0.1:{port}; is GEMINI_BASE_URL right", self.logged(502))
+
+
+class SelfNaming(Resource):
+    """
+    A provider (or a proxy on its way) that answers every request 500 with
+    an error naming its own address, as Envoy's "upstream connect error"
+    and many proxies' pages do, in a shape both providers' errors share.
+    """
+
+    isLeaf = True
+
+    def render(self, request: Any) -> bytes:
+        port = request.getHost().port
+        request.setResponseCode(500)
+        request.setHeader(b"Content-Type", b"application/json")
+        message = f"upstream connect error: http://127.0.0.1:{port}/v1 refused (backend 127.0.0.1:{port})"
+        return json.dumps({"error": {"code": 500, "message": message, "status": "INTERNAL"}}).encode()
+
+
+class QuotedAddressTests(_Gateways):
+    """
+    A provider's own error text that names the provider's address: the
+    client gets it without the address (Scrubber.quoted), the request's
+    log line with it (trial s37).
+    """
+
+    @inlineCallbacks
+    def setUp(self) -> None:
+        super().setUp()
+        site = Site(SelfNaming())
+        site.log = lambda request: None  # type: ignore[method-assign]
+        listening = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(site)
+        self.addCleanup(listening.stopListening)
+        self.port = listening.getHost().port
+
+    @inlineCallbacks
+    def test_chat(self):
+        gateway = self.kimi_at(f"http://127.0.0.1:{self.port}/v1")
+        for stream in (False, True):
+            del self.lines[:]
+            response, text = yield self.post(gateway, {"messages": HELLO, "stream": stream})
+            self.assertEqual(response.code, 502, text)
+            error = self.assertOpenAIError(text, "upstream_http_error")
+            self.assertIn("upstream connect error: [redacted]/v1 refused (backend [redacted])", error["message"])
+            self.assertNotIn(str(self.port), text)
+            self.assertIn(f"upstream connect error: http://127.0.0.1:{self.port}/v1 refused", self.logged(502))
+
+    @inlineCallbacks
+    def test_models_listing(self):
+        gateway = self.kimi_at(f"http://127.0.0.1:{self.port}/v1")
+        response = yield self.http().get(
+            f"http://127.0.0.1:{gateway.api_port}/v1/models",
+            headers={"Authorization": ["Bearer gw-key-0123456789abcdef"]},
+        )
+        text = yield response.text("utf-8")
+        self.assertEqual(response.code, 502, text)
+        self.assertIn("(backend [redacted])", self.assertOpenAIError(text)["message"])
+        self.assertNotIn(str(self.port), text)
+
+    @inlineCallbacks
+    def test_embeddings(self):
+        providers = changed_providers(
+            self.upstream.provider_settings(), gemini={"base_url": f"http://127.0.0.1:{self.port}/v1beta"}
+        )
+        gateway = self.gateway(providers=providers, fallback="off")
+        response, text = yield self.post(
+            gateway, {"model": "gemini/gemini-embedding-001", "input": "hi"}, path="/v1/embeddings"
+        )
+        self.assertEqual(response.code, 502, text)
+        self.assertIn("(backend [redacted])", self.assertOpenAIError(text)["message"])
+        self.assertNotIn(str(self.port), text)
+
+    def test_named_addresses(self):
+        self.assertEqual(
+            named_addresses("https://proxy.internal/v1"),
+            ("https://proxy.internal:443", "proxy.internal:443", "https://proxy.internal"),
+        )
+        self.assertEqual(named_addresses("http://[::1]:8000/v1"), ("http://[::1]:8000", "[::1]:8000", "http://[::1]"))
+        scrubber = Scrubber(("k" * 20,), named_addresses("https://proxy.internal/v1"))
+        self.assertEqual(
+            scrubber.quoted(b"see https://proxy.internal/v1 and proxy.internal:443 with kkkkkkkkkkkkkkkkkkkk"),
+            b"see [redacted]/v1 and [redacted] with [redacted]",
+        )
+        # Answers keep them (data): a model may name a host.
+        self.assertEqual(scrubber.data(b"https://proxy.internal/v1"), b"https://proxy.internal/v1")

@@ -1376,8 +1376,9 @@ class ChatCall:
                 detail = for_operator(failed) + both + for_operator(told)
             error = attrs.evolve(error, message=failed.message + both + told.message, detail=detail)
         # Every error of a call may quote the provider (its message, a
-        # stream's error event): scrubbed here, where none can be missed.
-        scrub = self.adapter.scrubber.data
+        # stream's error event): scrubbed here, where none can be missed,
+        # of its keys and of its address (Scrubber.quoted).
+        scrub = self.adapter.scrubber.quoted
         try:
             if request.startedWriting:
                 request.write(scrub(encode(error.body())))

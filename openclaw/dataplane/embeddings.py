@@ -431,7 +431,8 @@ class EmbeddingsCall:
             error = self._error(result)
             if parsed.configured and error.code == "model_not_found":
                 error = configured_model_not_found(error, parsed)
-            body = error_response(request, error)
+            # Of the provider's keys and address (Scrubber.quoted).
+            body = self.adapter.scrubber.quoted(error_response(request, error))
             status, outcome = error.status, error.code
         else:
             request.setHeader(b"Content-Type", _JSON)

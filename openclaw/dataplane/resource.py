@@ -872,6 +872,9 @@ class Models(AuthenticatedResource):
         asked (else counted under provider C{-}).
         """
         body = error_response(request, error)
+        if route is not None and called:
+            # Of the provider's keys and address (Scrubber.quoted).
+            body = self.context.providers.get(route.provider_id).scrubber.quoted(body)
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()

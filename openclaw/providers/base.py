@@ -66,6 +66,7 @@ from openclaw.providers.errors import (
     describe_failure,
     explain_failure,
     http_hint,
+    named_addresses,
 )
 from openclaw.providers.event_errors import NO_STATUSES
 from openclaw.providers.fetch import Exchange, get_json, post, upstream_message
@@ -282,7 +283,10 @@ class ProviderAdapter(abc.ABC):
     #: Removes every key of the pool from text the provider sent (L{scrub}).
     scrubber: Scrubber = attrs.field(
         default=attrs.Factory(
-            lambda self: Scrubber(self.keys.keys + ((self.api_key,) if self.api_key else ())), takes_self=True
+            lambda self: Scrubber(
+                self.keys.keys + ((self.api_key,) if self.api_key else ()), named_addresses(self.base_url)
+            ),
+            takes_self=True,
         ),
         init=False,
         repr=False,

@@ -15,6 +15,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import attrs
+from hyperlink import URL
 from service_identity import VerificationError
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
@@ -416,6 +417,10 @@ class Scrubber:
     """
 
     secrets: tuple[str, ...]
+    #: How the provider's own error text may name its address (L{quoted}):
+    #: the operator's configuration (an internal proxy's often), which no
+    #: client holding a key is to learn.  Not looked for in answers.
+    addresses: tuple[str, ...] = ()
     _forms: tuple[str, ...] = attrs.field(init=False, repr=False)
     _byte_forms: tuple[bytes, ...] = attrs.field(init=False, repr=False)
     #: Per byte form, worked out once: C{(what to look for first, the
@@ -494,6 +499,21 @@ class Scrubber:
                 return self._unescaped(data)
         return data
 
+    def quoted(self, data: bytes) -> bytes:
+        """
+        C{data}, an error a client gets (a JSON body, an SSE error event),
+        without any of the keys (L{data}) nor the provider's address
+        (L{addresses}, in their order): a provider, or a proxy on its way,
+        that names itself in its error text ("upstream connect error:
+        http://10.0.0.7:8443/v1/... refused").
+        """
+        data = self.data(data)
+        for address in self.addresses:
+            named = address.encode("utf-8")
+            if named in data:
+                data = data.replace(named, _REDACTED_BYTES)
+        return data
+
     def _unescaped(self, data: bytes) -> bytes:
         """
         C{data} without the keys' JSON-escaped forms (L{_json_escaped}).
@@ -501,6 +521,23 @@ class Scrubber:
         for pattern in self._escaped:
             data = pattern.sub(_REDACTED_BYTES, data)
         return data
+
+
+def named_addresses(base_url: str) -> tuple[str, ...]:
+    """
+    How a provider's error text may name the address of C{base_url}
+    (L{Scrubber.addresses}), each form before those it holds:
+    C{scheme://host:port}, C{host:port} (L{host_port}, the scheme's port
+    when the URL gives none), C{scheme://host}.
+    """
+    url = URL.from_text(base_url)
+    host = url.host
+    if not host:
+        return ()
+    port = url.port or (443 if url.scheme == "https" else 80)
+    bracketed = host_port(host, port).rsplit(":", 1)[0]
+    authority = host_port(host, port)
+    return (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
 
 
 class RefusalKind(StrEnum):
