@@ -317,13 +317,25 @@ class QuotedAddressTests(_Gateways):
     def test_named_addresses(self):
         self.assertEqual(
             named_addresses("https://proxy.internal/v1"),
-            ("https://proxy.internal:443", "proxy.internal:443", "https://proxy.internal"),
+            ("https://proxy.internal:443", "proxy.internal:443", "https://proxy.internal", "proxy.internal"),
         )
-        self.assertEqual(named_addresses("http://[::1]:8000/v1"), ("http://[::1]:8000", "[::1]:8000", "http://[::1]"))
+        self.assertEqual(
+            named_addresses("http://[::1]:8000/v1"), ("http://[::1]:8000", "[::1]:8000", "http://[::1]", "[::1]")
+        )
+        # A one-label host alone is also a word ("proxy error"): not looked for.
+        self.assertEqual(named_addresses("http://proxy/v1"), ("http://proxy:80", "proxy:80", "http://proxy"))
         scrubber = Scrubber(("k" * 20,), named_addresses("https://proxy.internal/v1"))
         self.assertEqual(
             scrubber.quoted(b"see https://proxy.internal/v1 and proxy.internal:443 with kkkkkkkkkkkkkkkkkkkk"),
             b"see [redacted]/v1 and [redacted] with [redacted]",
         )
+        # In any case (RFC 3986: scheme and host are case-insensitive), with
+        # JSON-escaped slashes, the host alone; not inside a longer address.
+        scrubber = Scrubber((), named_addresses("http://10.0.0.7:8443/v1"))
+        self.assertEqual(
+            scrubber.quoted(b'{"message": "HTTP://10.0.0.7:8443/v1 or http:\\/\\/10.0.0.7:8443\\/v1: 10.0.0.7 down."}'),
+            b'{"message": "[redacted]/v1 or [redacted]\\/v1: [redacted] down."}',
+        )
+        self.assertEqual(scrubber.quoted(b"110.0.0.75, 10.0.0.75, 10.0.0.7.5"), b"110.0.0.75, 10.0.0.75, 10.0.0.7.5")
         # Answers keep them (data): a model may name a host.
         self.assertEqual(scrubber.data(b"https://proxy.internal/v1"), b"https://proxy.internal/v1")

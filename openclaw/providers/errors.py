@@ -429,8 +429,11 @@ class Scrubber:
     _byte_plan: tuple[tuple[bytes, bytes, bool, re.Pattern[bytes] | None], ...] = attrs.field(init=False, repr=False)
     #: Per key long enough, the pattern of its JSON-escaped forms.
     _escaped: tuple[re.Pattern[bytes], ...] = attrs.field(init=False, repr=False)
+    #: The L{addresses} as one pattern (L{_address_pattern}), or None.
+    _named: re.Pattern[bytes] | None = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "_named", _address_pattern(self.addresses))
         forms = dict.fromkeys(
             form
             for secret in sorted((s for s in self.secrets if s), key=len, reverse=True)
@@ -505,13 +508,14 @@ class Scrubber:
         without any of the keys (L{data}) nor the provider's address
         (L{addresses}, in their order): a provider, or a proxy on its way,
         that names itself in its error text ("upstream connect error:
-        http://10.0.0.7:8443/v1/... refused").
+        http://10.0.0.7:8443/v1/... refused").  Found in any case (RFC 3986
+        section 6.2.2.1: a scheme and a host name are case-insensitive),
+        with its slashes JSON-escaped or not, and only where it stands on
+        its own (C{10.0.0.7} is not found in C{110.0.0.75}).
         """
         data = self.data(data)
-        for address in self.addresses:
-            named = address.encode("utf-8")
-            if named in data:
-                data = data.replace(named, _REDACTED_BYTES)
+        if self._named is not None:
+            data = self._named.sub(_REDACTED_BYTES, data)
         return data
 
     def _unescaped(self, data: bytes) -> bytes:
@@ -528,7 +532,9 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     How a provider's error text may name the address of C{base_url}
     (L{Scrubber.addresses}), each form before those it holds:
     C{scheme://host:port}, C{host:port} (L{host_port}, the scheme's port
-    when the URL gives none), C{scheme://host}.
+    when the URL gives none), C{scheme://host}, and the host alone when
+    it is an IP address or a name with a dot in it (a one-label name such
+    as C{proxy} is also a word of the error's own text).
     """
     url = URL.from_text(base_url)
     host = url.host
@@ -537,7 +543,22 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     port = url.port or (443 if url.scheme == "https" else 80)
     bracketed = host_port(host, port).rsplit(":", 1)[0]
     authority = host_port(host, port)
-    return (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
+    forms = (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
+    if "." in host or ":" in host:
+        forms += (bracketed,)
+    return forms
+
+
+def _address_pattern(addresses: tuple[str, ...]) -> re.Pattern[bytes] | None:
+    """
+    One pattern for L{Scrubber.quoted}: any of C{addresses} (the first
+    that matches where several start), in any case, a C{/} also as JSON's
+    C{\\/}, not inside a longer name, number or address.
+    """
+    if not addresses:
+        return None
+    forms = (re.escape(address.encode("utf-8")).replace(b"/", rb"(?:/|\\/)") for address in addresses)
+    return re.compile(rb"(?<![\w.-])(?:" + b"|".join(forms) + rb")(?![\w-]|\.\w)", re.IGNORECASE)
 
 
 class RefusalKind(StrEnum):
