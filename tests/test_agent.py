@@ -46,7 +46,7 @@ from twisted.web.server import Site
 from openclaw.logs import make_observer
 from openclaw.providers import ProviderRegistry
 from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints
-from openclaw.providers.errors import BodyTooLarge, HeadTooLarge, describe_failure
+from openclaw.providers.errors import BodyTooLarge, HandshakeTimedOut, HeadTooLarge, describe_failure
 from openclaw.providers.fetch import Exchange, get_json, post, read_body
 from openclaw.settings import Settings
 from tests.support import free_port, make_ca, start_gateway
@@ -711,6 +711,14 @@ class TLSTests(AgentTestCase):
         endpoint = SSL4ServerEndpoint(reactor, 0, self.ca.server_options(*names), interface="127.0.0.1")
         site = Site(Models())
         site.log = lambda request: None  # type: ignore[method-assign]
+        self.tls_connections = 0
+        build = site.buildProtocol
+
+        def counted(address: Any) -> Any:
+            self.tls_connections += 1
+            return build(address)
+
+        site.buildProtocol = counted  # type: ignore[method-assign]
         port = yield endpoint.listen(site)
         self.addCleanup(port.stopListening)
         self.port = port.getHost().port
@@ -837,6 +845,54 @@ class TLSTests(AgentTestCase):
         self.assertEqual(self.flushLoggedErrors(), [])
         # The client's protocol was told its connection ended, once.
         self.assertEqual(len(lost), 1)
+
+    @inlineCallbacks
+    def test_handshake_deadline(self):
+        """
+        A server that accepts the TCP connection and never answers in TLS
+        (a tarpit, a middlebox that drops TLS): the connecting fails with
+        L{HandshakeTimedOut} once UPSTREAM_CONNECT_TIMEOUT passed, the
+        connection aborted, and the reason says so and what to check
+        (before: the call hung until UPSTREAM_TIMEOUT, told as a slow
+        answer).
+        """
+        silent = Factory.forProtocol(Protocol)
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(silent)
+        self.addCleanup(port.stopListening)
+        self.url = b"https://127.0.0.1:%d/v1/chat" % port.getHost().port
+        started = time.monotonic()
+        failure = yield self.assertFailure(
+            self.post(self.registry(upstream_connect_timeout=0.3)).addTimeout(5, reactor), HandshakeTimedOut
+        )
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual(failure.seconds, 0.3)
+        reason = describe_failure(Failure(failure), "127.0.0.1", port.getHost().port, "KIMI_BASE_URL")
+        self.assertEqual(
+            reason,
+            f"TLS handshake with 127.0.0.1:{port.getHost().port}: the TLS handshake did not finish within 0.3 s "
+            "(UPSTREAM_CONNECT_TIMEOUT); is KIMI_BASE_URL an https service, and does the network on the way (a "
+            "firewall, a proxy) let TLS through?",
+        )
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    @inlineCallbacks
+    def test_handshake_deadline_ends_with_the_handshake(self):
+        """
+        A handshake done in time leaves its connection be: reused by the
+        next call after the deadline's seconds have passed, one TCP
+        connection for both.
+        """
+        yield self.serve_tls("127.0.0.1")
+        policy = BrowserLikePolicyForHTTPS(trustRoot=self.ca.trust_root())
+        registry = ProviderRegistry.from_settings(
+            Settings(upstream_connect_timeout=0.2), reactor, endpoints=CachedEndpoints(reactor, tls_policy=policy)
+        )
+        self.addCleanup(registry.close)
+        for n in range(2):
+            response = yield self.post(registry, b"%d" % n)
+            self.assertEqual((yield read_body(response)), b'{"echo": %d}' % n)
+            yield deferLater(reactor, 0.4, lambda: None)
+        self.assertEqual(self.tls_connections, 1)
 
 
 class _Blurt(ScriptedServer):

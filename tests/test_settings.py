@@ -639,6 +639,7 @@ class LoadTests(SynchronousTestCase):
         deadlines = (
             "HEALTH_CHECK_TIMEOUT",
             "UPSTREAM_TIMEOUT",
+            "UPSTREAM_CONNECT_TIMEOUT",
             "API_HEADER_TIMEOUT_SECONDS",
             "API_BODY_TIMEOUT_SECONDS",
             "API_SEND_TIMEOUT_SECONDS",

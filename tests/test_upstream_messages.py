@@ -188,6 +188,44 @@ class ClientMessageTests(_Gateways):
         self.assertIn("set KIMI_BASE_URL to a host name the certificate holds", logged)
 
     @inlineCallbacks
+    def test_handshake_never_answered(self):
+        """
+        A provider's port that takes the connection and never answers in
+        TLS (a tarpit, a middlebox dropping TLS): the call fails over at
+        once UPSTREAM_CONNECT_TIMEOUT passed, the client's answer the
+        other provider's; failover off, a 502 that says the handshake did
+        not finish, no address; the log line has it and what to check.
+        Before: the call hung until UPSTREAM_TIMEOUT, then a 504 that
+        asked to raise it.
+        """
+        silent = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+        self.addCleanup(silent.stopListening)
+        port = silent.getHost().port
+        url = f"https://127.0.0.1:{port}/v1"
+        gateway = self.kimi_at(url, upstream_connect_timeout=0.5, upstream_timeout=30, fallback="auto")
+        started = reactor.seconds()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-provider"), ["gemini"])
+        self.assertLess(reactor.seconds() - started, 5)
+        gateway = self.kimi_at(url, upstream_connect_timeout=0.5, upstream_timeout=30)
+        del self.lines[:]
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        error = self.assertOpenAIError(text, "upstream_unreachable")
+        self.assertEqual(
+            error["message"],
+            "kimi: the provider could not be reached (the TLS handshake with it did not finish in time); try again "
+            "later, and tell the gateway's operator if it lasts",
+        )
+        self.assertNoAddress(text, f":{port}", "127.0.0.1", "UPSTREAM")
+        self.assertIn(
+            f"TLS handshake with 127.0.0.1:{port}: the TLS handshake did not finish within 0.5 s "
+            "(UPSTREAM_CONNECT_TIMEOUT); is KIMI_BASE_URL an https service",
+            self.logged(502),
+        )
+
+    @inlineCallbacks
     def test_cut_before_answering(self):
         """
         A provider that closes the connection without answering: said so,

@@ -1,7 +1,8 @@
 """
 Where the providers' HTTP connections go: one endpoint per upstream,
-built once, the certificate checks for https ones, and a bound on the
-response heads read from them.
+built once, the certificate checks for https ones, a bound on the time
+connecting takes (C{UPSTREAM_CONNECT_TIMEOUT}) and on the response heads
+read from them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from twisted.internet.interfaces import (
     IProtocol,
     IProtocolFactory,
     IPushProducer,
+    IReactorTime,
     IStreamClientEndpoint,
     ITCPTransport,
 )
@@ -28,8 +30,9 @@ from twisted.web.client import URI, BrowserLikePolicyForHTTPS
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
 
-from openclaw.providers.errors import HeadTooLarge
+from openclaw.providers.errors import HandshakeTimedOut, HeadTooLarge
 from openclaw.reactors import IClientReactor
+from openclaw.stalls import add_timeout
 from openclaw.tls import HostnameChecked, trust_root_from_pem
 
 
@@ -64,11 +67,17 @@ class CachedEndpoints:
     @param tls_policy: How https connections are checked; by default
         browser-like checks against the system's trust store (see
         L{https_policy}).
+    @param connect_timeout: seconds a TCP connection may take to be
+        established (C{UPSTREAM_CONNECT_TIMEOUT}; for a host name, all
+        its addresses' attempts together); Twisted's own default is 30.
     """
 
-    def __init__(self, reactor: IClientReactor, tls_policy: IPolicyForHTTPS | None = None) -> None:
+    def __init__(
+        self, reactor: IClientReactor, tls_policy: IPolicyForHTTPS | None = None, connect_timeout: float = 30.0
+    ) -> None:
         self._reactor = reactor
         self._tls_policy = tls_policy or BrowserLikePolicyForHTTPS()
+        self._connect_timeout = connect_timeout
         self._endpoints: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
@@ -90,11 +99,13 @@ class CachedEndpoints:
         refused connection then fails at once, rather than after
         C{HostnameEndpoint}'s attempt delay, so failover is not held up.
         """
+        # Twisted annotates timeout as int; it is a callLater delay, any float.
+        timeout = cast(int, self._connect_timeout)
         if isIPAddress(host):
-            return TCP4ClientEndpoint(self._reactor, host, port)
+            return TCP4ClientEndpoint(self._reactor, host, port, timeout=timeout)
         if isIPv6Address(host):
-            return TCP6ClientEndpoint(self._reactor, host, port)
-        return HostnameEndpoint(self._reactor, host.encode("ascii"), port)
+            return TCP6ClientEndpoint(self._reactor, host, port, timeout=timeout)
+        return HostnameEndpoint(self._reactor, host.encode("ascii"), port, timeout=timeout)
 
 
 #: The most the heads of a provider's response (status lines and header
@@ -284,17 +295,27 @@ class _HeadLimitedEndpoint:
     refused connection does, and not the request written on it (which
     Twisted's client would fail as an answer never received,
     C{ResponseNeverReceived}).  Cancelling while the handshake is under
-    way aborts the connection.
+    way aborts the connection; so does a handshake not done within
+    C{handshake_deadline}'s seconds from the TCP connection
+    (L{HandshakeTimedOut}: a server or a middlebox that accepts the
+    connection and never answers in TLS would otherwise hold each call
+    for its whole C{UPSTREAM_TIMEOUT}, and be told as a slow answer).
     """
 
-    def __init__(self, endpoint: IStreamClientEndpoint, secure: bool = False) -> None:
+    def __init__(
+        self,
+        endpoint: IStreamClientEndpoint,
+        secure: bool = False,
+        handshake_deadline: tuple[IReactorTime, float] | None = None,
+    ) -> None:
         self._endpoint = endpoint
         self._secure = secure
+        self._handshake_deadline = handshake_deadline
 
     def connect(self, protocolFactory: IProtocolFactory) -> Deferred[IProtocol]:
         connecting = self._endpoint.connect(_HeadLimitedFactory(protocolFactory))
         if self._secure:
-            connecting.addCallback(_secured)
+            connecting.addCallback(_secured, self._handshake_deadline)
         return connecting.addCallback(_wrapped)
 
 
@@ -306,10 +327,14 @@ def _tls(wrapper: _HeadLimitedProtocol) -> TLSMemoryBIOProtocol:
     return cast(TLSMemoryBIOProtocol, wrapper.transport)
 
 
-def _secured(wrapper: IProtocol) -> IProtocol | Deferred[IProtocol]:
+def _secured(wrapper: IProtocol, deadline: tuple[IReactorTime, float] | None = None) -> IProtocol | Deferred[IProtocol]:
     """
     C{wrapper} (a L{_HeadLimitedProtocol}) once its TLS handshake is done,
-    or its connection's end before that (a Deferred when it is not done yet).
+    or its connection's end before that (a Deferred when it is not done
+    yet), or L{HandshakeTimedOut} once C{deadline} (a clock and seconds)
+    passed first, the connection aborted (C{openclaw.stalls.add_timeout}:
+    a deadline found due after the gateway itself stood still is judged
+    after what came meanwhile is read).
     """
     assert isinstance(wrapper, _HeadLimitedProtocol)
     if wrapper.secured and not _tls(wrapper).disconnecting:
@@ -323,18 +348,35 @@ def _secured(wrapper: IProtocol) -> IProtocol | Deferred[IProtocol]:
 
     done: Deferred[None] = Deferred(cancel)
     wrapper.handshake = done
+    if deadline is not None:
+        clock, seconds = deadline
+        add_timeout(done, seconds, clock, _handshake_timed_out)
     return done.addCallback(lambda _: wrapper)
+
+
+def _handshake_timed_out(result: object, seconds: float) -> Failure:
+    """
+    The cancelled handshake's outcome once its deadline passed.
+    """
+    return Failure(HandshakeTimedOut(seconds))
 
 
 @implementer(IAgentEndpointFactory)
 class HeadLimitedEndpoints:
     """
     The endpoints of C{endpoints} (an C{IAgentEndpointFactory}), with each
-    response head read through them bounded by L{MAX_RESPONSE_HEAD_BYTES}.
+    response head read through them bounded by L{MAX_RESPONSE_HEAD_BYTES},
+    and an https connection's TLS handshake by C{handshake_deadline} (a
+    clock and seconds, C{UPSTREAM_CONNECT_TIMEOUT}), when given.
     """
 
-    def __init__(self, endpoints: IAgentEndpointFactory) -> None:
+    def __init__(
+        self, endpoints: IAgentEndpointFactory, handshake_deadline: tuple[IReactorTime, float] | None = None
+    ) -> None:
         self._endpoints = endpoints
+        self._handshake_deadline = handshake_deadline
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        return _HeadLimitedEndpoint(self._endpoints.endpointForURI(uri), secure=uri.scheme == b"https")
+        return _HeadLimitedEndpoint(
+            self._endpoints.endpointForURI(uri), uri.scheme == b"https", self._handshake_deadline
+        )

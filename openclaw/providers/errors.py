@@ -87,6 +87,20 @@ class BodyTooLarge(ProviderError):
     """
 
 
+class HandshakeTimedOut(Exception):
+    """
+    An https provider's TLS handshake was not done within C{seconds}
+    (C{UPSTREAM_CONNECT_TIMEOUT}) of its TCP connection: the gateway
+    aborted the connection (L{openclaw.providers.endpoints}).  The
+    connecting's failure, as a refused connection's is.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the TLS handshake did not finish within {seconds:g} s (UPSTREAM_CONNECT_TIMEOUT)")
+        #: The deadline passed, in seconds.
+        self.seconds = seconds
+
+
 class HeadTooLarge(ProviderError):
     """
     The gateway itself closed a provider's connection: the heads of its
@@ -262,7 +276,14 @@ def explain_failure(reason: Failure, host: str, port: int, base_url_variable: st
     if isinstance(value, (neterror.TimeoutError, neterror.TCPTimedOutError)):
         return Explained(
             f"the provider could not be reached (connecting timed out); {_RETRY_LATER}",
-            f"connecting to {where} timed out",
+            f"connecting to {where} timed out (UPSTREAM_CONNECT_TIMEOUT); is {base_url_variable} right and the "
+            "host up, and does the network on the way let the connection through?",
+        )
+    if isinstance(value, HandshakeTimedOut):
+        return Explained(
+            f"the provider could not be reached (the TLS handshake with it did not finish in time); {_RETRY_LATER}",
+            f"TLS handshake with {where}: {value}; is {base_url_variable} an https service, and does the network "
+            "on the way (a firewall, a proxy) let TLS through?",
         )
     if isinstance(value, neterror.NoRouteError):
         return Explained(
@@ -543,7 +564,7 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     port = url.port or (443 if url.scheme == "https" else 80)
     bracketed = host_port(host, port).rsplit(":", 1)[0]
     authority = host_port(host, port)
-    forms = (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
+    forms: tuple[str, ...] = (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
     if "." in host or ":" in host:
         forms += (bracketed,)
     return forms

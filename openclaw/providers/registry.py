@@ -100,7 +100,9 @@ class ProviderRegistry:
             calls alike), to measure them.
         @param endpoints: where connections go; by default L{CachedEndpoints}
             checking https certificates against C{UPSTREAM_CA_FILE}, else
-            the system's trust store.
+            the system's trust store, TCP connections bounded by
+            C{UPSTREAM_CONNECT_TIMEOUT} (TLS handshakes are, whatever
+            C{endpoints}).
         @param pool_size: idle connections kept per host, when the
             process's descriptors allow fewer than C{UPSTREAM_POOL_SIZE}
             (L{openclaw.listeners.DescriptorShares.pool_per_host}).
@@ -113,8 +115,11 @@ class ProviderRegistry:
         # Twisted annotates it as int; it is a callLater delay, any float.
         pool.cachedConnectionTimeout = settings.upstream_idle_seconds  # type: ignore[assignment]
         if endpoints is None:
-            endpoints = CachedEndpoints(reactor, https_policy(settings.upstream_ca_pem))
-        shared: IAgent = Agent.usingEndpointFactory(reactor, HeadLimitedEndpoints(endpoints), pool=pool)
+            endpoints = CachedEndpoints(
+                reactor, https_policy(settings.upstream_ca_pem), connect_timeout=settings.upstream_connect_timeout
+            )
+        connecting = HeadLimitedEndpoints(endpoints, (reactor, settings.upstream_connect_timeout))
+        shared: IAgent = Agent.usingEndpointFactory(reactor, connecting, pool=pool)
         adapters = []
         for provider_id, configured in settings.providers.items():
             agent = shared if wrap_agent is None else wrap_agent(shared, provider_id)

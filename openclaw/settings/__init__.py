@@ -288,6 +288,11 @@ class Settings:
     api_port: int = 18790
     gateway_api_keys: tuple[str, ...] = attrs.field(repr=False, default=())
     upstream_timeout: float = 60.0
+    #: Seconds a provider connection may take to be made: its TCP
+    #: connection, then (https) its TLS handshake, each.  A provider that
+    #: cannot be connected to fails over at once, not after
+    #: C{upstream_timeout}.
+    upstream_connect_timeout: float = 10.0
     max_request_bytes: int = 8 * 1024 * 1024
     #: Idle persistent connections kept per provider host (scheme, host,
     #: port).  Twisted's default of 2 would make every concurrent call
@@ -1077,6 +1082,12 @@ def _load_settings(
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.upstream_timeout,
             f"{_DEADLINE_HINT}, such as 60",
+        ),
+        upstream_connect_timeout=reader.read(
+            "UPSTREAM_CONNECT_TIMEOUT",
+            _seconds(MIN_DEADLINE_SECONDS),
+            defaults.upstream_connect_timeout,
+            f"{_DEADLINE_HINT}, such as 10",
         ),
         max_request_bytes=reader.read(
             "MAX_REQUEST_BYTES",
