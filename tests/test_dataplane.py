@@ -474,6 +474,17 @@ class RoutingTests(DataPlaneTestCase):
             response = yield http.get(base + path)
             yield response.text()
             self.assertEqual(response.headers.getRawHeaders("server"), ["openclaw"], path)
+        # What twisted.web answers itself, before any resource (OPTIONS *,
+        # RFC 9110 section 9.3.7), and what the gateway refuses before
+        # twisted.web has a request (a target that is no path, no Host).
+        for head in (
+            b"OPTIONS * HTTP/1.1\r\nHost: x\r\n",
+            b"GET * HTTP/1.1\r\nHost: x\r\n",
+            b"GET /v1/models HTTP/1.1\r\n",
+        ):
+            answer = yield deferToThread(exchange, gateway.api_port, head + b"Connection: close\r\n\r\n")
+            self.assertEqual(answer.count(b"\r\nServer: openclaw\r\n"), 1, answer)
+            self.assertNotIn(b"TwistedWeb", answer)
 
 
 class StreamFailureTests(DataPlaneTestCase):

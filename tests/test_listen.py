@@ -737,12 +737,13 @@ def h2_request(
     body: bytes = b"",
     key: str | None = None,
     key_last: bool = False,
+    fields: dict[bytes, bytes] | None = None,
 ) -> tuple[str, int, bytes]:
     """
     One request over HTTP/2 on TLS, as a client that offers only C{h2}
     (with C{key} as its bearer token, if given, before C{content-length}
     or, with C{key_last}, after it): the protocol agreed, the status and
-    the body.
+    the body; the answer's header fields into C{fields}, if given.
     """
     import h2.connection
     import h2.events
@@ -773,6 +774,8 @@ def h2_request(
                 for event in connection.receive_data(chunk):
                     if isinstance(event, h2.events.ResponseReceived):
                         status = int(dict(event.headers)[b":status"])
+                        if fields is not None:
+                            fields.update(event.headers)
                     elif isinstance(event, h2.events.DataReceived):
                         received += event.data
                         connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
@@ -878,9 +881,16 @@ class Http2Tests(TLSGateway):
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
         for key, wanted, code in ((None, 401, b"invalid_api_key"), (H2_KEY, 400, b"invalid_request_target")):
-            agreed, status, body = yield deferToThread(h2_request, self.port, self.ca, "CONNECT", "", b"", key)
+            fields: dict[bytes, bytes] = {}
+            agreed, status, body = yield deferToThread(
+                h2_request, self.port, self.ca, "CONNECT", "", b"", key, fields=fields
+            )
             self.assertEqual((agreed, status), ("h2", wanted), body[:300])
             self.assertIn(code, body)
+            # The product alone, as every answer's (the 400 is made before
+            # twisted.web has processed the request).
+            self.assertEqual(fields.get(b"server"), b"openclaw")
+            self.assertIn(b"date", fields)
         self.assertEqual([e for e in events if e.get("log_level") in (LogLevel.error, LogLevel.critical)], [])
 
     @inlineCallbacks

@@ -305,11 +305,14 @@ class NextTurnRequest(Request):
         self._lost = True
         super().connectionLost(reason)
 
-    def render(self, resrc: IResource) -> None:
-        # twisted.web's process() has set a Server field naming Twisted's
-        # version: the product alone, as the control plane's handshake.
-        self.setHeader(b"Server", _SERVER)
-        super().render(resrc)
+    def setHeader(self, name: str | bytes, value: str | bytes) -> None:
+        # twisted.web's process() sets a Server field naming Twisted's
+        # version, also on the answers it makes itself (OPTIONS *, a
+        # request for * with any other method): the product alone, as the
+        # control plane's handshake.
+        if name == b"Server":
+            value = _SERVER
+        super().setHeader(name, value)
 
     @property
     def channel_site(self) -> Site:
@@ -879,6 +882,8 @@ class APIRequest(NextTurnRequest):
             self._refused(refusal, self.method, self.path)
             body = refusal.body()
             self.setResponseCode(refusal.status)
+            self.setHeader(b"Server", _SERVER)
+            self.setHeader(b"Date", http.datetimeToString())
             self.setHeader(b"Content-Type", b"application/json")
             for name, value in refusal.headers:
                 self.setHeader(name, value)
@@ -974,8 +979,9 @@ def raw_response(
     """
     A whole HTTP/1.1 response (RFC 9112), closing the connection: for
     answers written before twisted.web has a request to answer with.  Its
-    C{Date} (RFC 9110 section 6.6.1, as twisted.web's answers have) is
-    now, in IMF-fixdate (L{http.datetimeToString}).
+    C{Server} names the product, as every answer's does; its C{Date} (RFC
+    9110 section 6.6.1, as twisted.web's answers have) is now, in
+    IMF-fixdate (L{http.datetimeToString}).
 
     @param status: its status code; the reason phrase is L{reason_phrase}'s.
     @param body: its body, sent with its C{Content-Length}.
@@ -984,8 +990,11 @@ def raw_response(
     """
     reason = reason_phrase(status) or b"Error"
     fields = b"".join(b"%s: %s\r\n" % (name, value) for name, value in headers)
-    head = b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n"
-    return head % (status, reason, http.datetimeToString(), content_type, fields, len(body)) + body
+    head = (
+        b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n"
+    )
+    return head % (status, reason, _SERVER, http.datetimeToString(), content_type, fields, len(body)) + body
 
 
 def raw_error_response(error: APIError, request_id: str | None = None) -> bytes:
