@@ -460,10 +460,11 @@ def spawn_gateway(
     return process
 
 
-def start_upstream(testcase: Any, kimi_key: str, gemini_key: str) -> Any:
+def start_upstream(testcase: Any, kimi_key: str, gemini_key: str, interface: str = "127.0.0.1") -> Any:
     """
     A stand-in upstream for Kimi and Gemini only (L{KIMI_AND_GEMINI}) on
-    a free loopback port, expecting these keys; stopped when the test ends.
+    a free port of C{interface} (a loopback address), expecting these
+    keys; stopped when the test ends.
     Its C{provider_settings()} and C{environment()} configure those two.
     """
     from openclaw.testing.upstream import StandInUpstream
@@ -471,7 +472,7 @@ def start_upstream(testcase: Any, kimi_key: str, gemini_key: str) -> Any:
     upstream = StandInUpstream(reactor, providers=KIMI_AND_GEMINI)
     upstream.kimi.key = kimi_key
     upstream.gemini.key = gemini_key
-    upstream.listen(0, "127.0.0.1")
+    upstream.listen(0, interface)
     testcase.addCleanup(upstream.stop)
     return upstream
 

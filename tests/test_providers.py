@@ -152,6 +152,24 @@ class HealthyTests(ProviderTestCase):
         self.assertEqual(kimi, self.upstream.kimi.models)
         self.assertEqual(gemini, self.upstream.gemini.models)
 
+    @inlineCallbacks
+    def test_ipv6_base_url(self) -> Any:
+        """
+        A base URL whose host is an IPv6 address (C{http://[::1]:port/...})
+        is listed and probed as any other: hyperlink, under treq, cannot
+        make such a URL a URI (python-hyper/hyperlink#188).
+        """
+        upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY, interface="::1")
+        settings = upstream.provider_settings()
+        self.assertTrue(settings["kimi"].base_url.startswith("http://[::1]:"), settings["kimi"].base_url)
+        registry = ProviderRegistry.from_settings(Settings(providers=settings, health_check_timeout=TIMEOUT), reactor)
+        self.addCleanup(registry.close)
+        result = yield registry.health_check("gemini", "gemini-2.5-flash")
+        for entry in result["providers"].values():
+            self.assertEqual((entry["ok"], entry["status"], entry["models"]), (True, 200, 4), entry)
+        ids = yield registry.get("gemini").list_models()
+        self.assertEqual(ids, upstream.gemini.models)
+
 
 class UnnameableIdsTests(ProviderTestCase):
     @inlineCallbacks

@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import attrs
 import orjson
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IConsumer, IPushProducer
@@ -169,6 +170,21 @@ def read_body(
     return finished
 
 
+class ProviderURL(EncodedURL):
+    """
+    A provider URL as treq is given it: already a URI (a base URL's host is
+    ASCII, the query treq adds percent-encoded), of which C{to_uri}, which
+    treq calls on every URL, leaves an IPv6 address as it is: hyperlink's
+    own IDNA-encodes the host, which fails for an address such as C{::1}
+    (python-hyper/hyperlink#188; IDNA applies to names only, RFC 5890).
+    """
+
+    def to_uri(self) -> EncodedURL:
+        if ":" not in self.host:
+            return super().to_uri()
+        return super().replace(host="").to_uri().replace(host=self.host)
+
+
 async def get_json(
     http: HTTPClient,
     url: str,
@@ -189,7 +205,7 @@ async def get_json(
     # Redirects are not followed: a listing endpoint has no reason to
     # redirect, and following one could carry a key header to another host.
     response = await http.get(
-        url,
+        ProviderURL.from_text(url),
         headers=Headers({name: [value] for name, value in headers.items()}),
         params=params,
         allow_redirects=False,
