@@ -358,7 +358,8 @@ class QuotedAddressTests(_Gateways):
             ("https://proxy.internal:443", "proxy.internal:443", "https://proxy.internal", "proxy.internal"),
         )
         self.assertEqual(
-            named_addresses("http://[::1]:8000/v1"), ("http://[::1]:8000", "[::1]:8000", "http://[::1]", "[::1]")
+            named_addresses("http://[::1]:8000/v1"),
+            ("http://[::1]:8000", "[::1]:8000", "http://[::1]", "[::1]", "::1"),
         )
         # A one-label host alone is also a word ("proxy error"): not looked for.
         self.assertEqual(named_addresses("http://proxy/v1"), ("http://proxy:80", "proxy:80", "http://proxy"))
@@ -375,5 +376,21 @@ class QuotedAddressTests(_Gateways):
             b'{"message": "[redacted]/v1 or [redacted]\\/v1: [redacted] down."}',
         )
         self.assertEqual(scrubber.quoted(b"110.0.0.75, 10.0.0.75, 10.0.0.7.5"), b"110.0.0.75, 10.0.0.75, 10.0.0.7.5")
+        # Percent-encoded (quoted from a query string), in any case; next
+        # to a "_" or a percent-encoded delimiter.
+        self.assertEqual(
+            scrubber.quoted(
+                b"redirect_uri=http%3A%2F%2F10.0.0.7%3A8443%2Fv1 or http%3a%2f%2f10.0.0.7%3a8443, "
+                b"10.0.0.7%3A8443, %2F10.0.0.7%2F, key_10.0.0.7_8443"
+            ),
+            b"redirect_uri=[redacted]%2Fv1 or [redacted], [redacted], %2F[redacted]%2F, key_[redacted]_8443",
+        )
+        self.assertEqual(scrubber.quoted(b"10.0.0.7%3A84430, 10.0.0.70"), b"[redacted]%3A84430, 10.0.0.70")
+        # An IPv6 address bracketed or not, percent-encoded too; not inside a longer one.
+        scrubber = Scrubber((), named_addresses("http://[::1]:8000/v1"))
+        self.assertEqual(
+            scrubber.quoted(b"Failed to connect to ::1 port 8000; [::1]:8000, %5B%3A%3A1%5D%3A8000; fe80::1, ::10"),
+            b"Failed to connect to [redacted] port 8000; [redacted], [redacted]; fe80::1, ::10",
+        )
         # Answers keep them (data): a model may name a host.
         self.assertEqual(scrubber.data(b"https://proxy.internal/v1"), b"https://proxy.internal/v1")

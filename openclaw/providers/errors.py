@@ -555,7 +555,9 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     C{scheme://host:port}, C{host:port} (L{host_port}, the scheme's port
     when the URL gives none), C{scheme://host}, and the host alone when
     it is an IP address or a name with a dot in it (a one-label name such
-    as C{proxy} is also a word of the error's own text).
+    as C{proxy} is also a word of the error's own text); an IPv6 address
+    also without its brackets (C{::1}, as curl's "Failed to connect to ::1
+    port 8000" names it).
     """
     url = URL.from_text(base_url)
     host = url.host
@@ -567,6 +569,8 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     forms: tuple[str, ...] = (f"{url.scheme}://{authority}", authority, f"{url.scheme}://{bracketed}")
     if "." in host or ":" in host:
         forms += (bracketed,)
+    if ":" in host:
+        forms += (host,)
     return forms
 
 
@@ -574,12 +578,23 @@ def _address_pattern(addresses: tuple[str, ...]) -> re.Pattern[bytes] | None:
     """
     One pattern for L{Scrubber.quoted}: any of C{addresses} (the first
     that matches where several start), in any case, a C{/} also as JSON's
-    C{\\/}, not inside a longer name, number or address.
+    C{\\/}, each also percent-encoded (RFC 3986 section 2.1: quoted from
+    a query string, C{redirect_uri=http%3A%2F%2F...}), not inside a longer
+    name, number or address (a C{_} or a percent-encoded delimiter next to
+    it is no part of one).
     """
     if not addresses:
         return None
-    forms = (re.escape(address.encode("utf-8")).replace(b"/", rb"(?:/|\\/)") for address in addresses)
-    return re.compile(rb"(?<![\w.-])(?:" + b"|".join(forms) + rb")(?![\w-]|\.\w)", re.IGNORECASE)
+    forms: list[bytes] = []
+    for address in addresses:
+        forms.append(re.escape(address.encode("utf-8")).replace(b"/", rb"(?:/|\\/)"))
+        encoded = quote(address, safe="")
+        if encoded != address:
+            forms.append(re.escape(encoded.encode("ascii")))
+    return re.compile(
+        rb"(?:(?<=%[0-9A-Fa-f]{2})|(?<![A-Za-z0-9.-]))(?:" + b"|".join(forms) + rb")(?![A-Za-z0-9-]|\.[A-Za-z0-9])",
+        re.IGNORECASE,
+    )
 
 
 class RefusalKind(StrEnum):
