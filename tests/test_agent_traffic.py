@@ -774,6 +774,30 @@ class EmptyArgumentsTests(DataPlaneTestCase):
         self.assertEqual(parts[0]["functionCall"]["args"], {})
 
     @inlineCallbacks
+    def test_history_without_call_type(self):
+        """
+        A call with no type, or a null one ("not set"), is a function's
+        call on either provider, and Kimi is sent it with its type (OpenAI's
+        API requires the field).
+        """
+        gateway = self.gateway()
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+            for kind in ({"type": None}, {}):
+                self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+                self.upstream.gemini.answers[:] = [SUNNY]
+                call = {"id": "c1", **kind, "function": {"name": "get_time", "arguments": "{}"}}
+                messages = [
+                    *QUESTION,
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+                ]
+                response, text = yield self.post(gateway, {"model": model, "messages": messages})
+                self.assertEqual(response.code, 200, (model, kind, text))
+        self.assertEqual(self.upstream.kimi.last_body["messages"][1]["tool_calls"][0]["type"], "function")
+        parts = self.upstream.gemini.last_body["contents"][1]["parts"]
+        self.assertEqual(parts[0]["functionCall"]["name"], "get_time")
+
+    @inlineCallbacks
     def test_history_with_broken_arguments(self):
         """
         A call whose arguments are no JSON object (Kimi's answer cut at its
@@ -1321,6 +1345,9 @@ class EmbeddingTests(DataPlaneTestCase):
             # A whole number orjson reads as a float: its range, not "whole number".
             ({"input": "x", "dimensions": 10**30}, "dimensions", "from 1 to 9223372036854775807"),
             ({"input": "x", "dimensions": 8.0}, "dimensions", "(8, not 8.0)"),
+            ({"input": "x", "user": 5}, "user", "user must be a string"),
+            ({"input": "x", "user": ["u"]}, "user", "user must be a string"),
+            ({"input": "x", "model": " KIMI/moonshot-v1-8k"}, "model", "kimi has no embeddings API"),
         ):
             response, text = yield self.post(gateway, body, path="/v1/embeddings")
             self.assertEqual(response.code, 400, body)
@@ -1401,6 +1428,17 @@ class BadRequestTests(DataPlaneTestCase):
             ),
             ({"messages": QUESTION, "response_format": {"type": "xml"}}, "response_format.type"),
             ({"messages": QUESTION, "response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+            (
+                {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "a b!"}}},
+                "response_format.json_schema.name",
+            ),
+            (
+                {
+                    "messages": QUESTION,
+                    "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+                },
+                "tools[0].function.parameters.type",
+            ),
             ({"messages": QUESTION, "reasoning_effort": "maximum"}, "reasoning_effort"),
             ({"messages": QUESTION, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
             ({"messages": QUESTION, "top_logprobs": 21}, "top_logprobs"),

@@ -247,6 +247,19 @@ class ControlPlaneTests(SynchronousTestCase):
     def test_switch_default_model(self) -> None:
         result = self.command("switch_provider", {"provider": "kimi"})["result"]
         self.assertEqual(result["model"], "moonshot-v1-8k")
+        # Null is "not given", as everywhere.
+        self.command("switch_provider", {"provider": "gemini"})
+        result = self.command("switch_provider", {"provider": "kimi", "model": None})["result"]
+        self.assertEqual(result["model"], "moonshot-v1-8k")
+
+    def test_switch_provider_prefix(self) -> None:
+        """
+        A model named with its provider's prefix, as the data plane takes
+        it: the prefix in any letter case, space around the whole ignored.
+        """
+        for model in ("kimi/moonshot-v1-32k", "KIMI/moonshot-v1-32k", " Kimi/moonshot-v1-32k "):
+            result = self.command("switch_provider", {"provider": "kimi", "model": model})["result"]
+            self.assertEqual(result["model"], "moonshot-v1-32k", model)
 
     def test_switch_warns_when_key_missing(self) -> None:
         self.providers.kimi_key_missing = True

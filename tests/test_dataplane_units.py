@@ -6,6 +6,7 @@ ways, the SSE decoder, request checking, routing and key checking.
 from __future__ import annotations
 
 import base64
+import json
 import time
 from typing import Any
 
@@ -468,6 +469,22 @@ class SSEDecoderTests(SynchronousTestCase):
 
 
 class RequestTests(SynchronousTestCase):
+    def test_function_fields_null(self) -> None:
+        """
+        A function's description or parameters null is "not set", as every
+        field; parameters without a type are taken.
+        """
+        for function in (
+            {"name": "f", "description": None, "parameters": None},
+            {"name": "f", "parameters": {}},
+            {"name": "f", "parameters": {"type": "object", "properties": {}}},
+        ):
+            body = {
+                "messages": [{"role": "user", "content": "x"}],
+                "tools": [{"type": "function", "function": function}],
+            }
+            parse_chat_request(json.dumps(body).encode())
+
     def test_valid(self) -> None:
         request = parse_chat_request(
             b'{"model": "m", "stream": true, "stream_options": {"include_usage": true},'
@@ -631,9 +648,13 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(
             choose_route("gemini/models/gemini-2.5-pro", active, ids), Route("gemini", "models/gemini-2.5-pro")
         )
-        for other in (None, "gpt-4o", "openai/gpt-4o", "moonshot-v1-8k", "Kimi/x"):
+        for other in (None, "gpt-4o", "openai/gpt-4o", "moonshot-v1-8k", "kimi-k2/x", "kimi moonshot-v1-8k"):
             self.assertEqual(choose_route(other, active, ids), active)
         self.assertRaises(APIError, choose_route, "kimi/ ", active, ids)
+        # The provider's id in any case, space around the whole ignored: a
+        # client pinning Kimi is not moved to the active provider unseen.
+        for pinned in ("KIMI/moonshot-v1-8k", "Kimi/moonshot-v1-8k", " kimi/moonshot-v1-8k", " kimi/moonshot-v1-8k "):
+            self.assertEqual(choose_route(pinned, active, ids), Route("kimi", "moonshot-v1-8k"), pinned)
 
 
 class KeyTests(SynchronousTestCase):

@@ -643,6 +643,9 @@ class OpenAICodeTests(DataPlaneTestCase):
             ({"n": 0}, "n", "integer_below_min_value"),
             ({"n": 2.0}, "n", "invalid_type"),
             ({"max_tokens": 1.5}, "max_tokens", "invalid_type"),
+            # Past 64 bits (orjson reads it as a float): written whole, too large.
+            ({"max_tokens": 10**30}, "max_tokens", "integer_above_max_value"),
+            ({"seed": -(10**30)}, "seed", "integer_below_min_value"),
             ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
             ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
             ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),

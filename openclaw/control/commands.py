@@ -297,7 +297,10 @@ class ControlCommands:
         if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
             raise CommandError(f"unknown provider {quoted(provider_id)}; use one of " + ", ".join(self.providers.ids))
         provider = self.providers.get(provider_id)
-        model = fields.get("model", provider.default_model)
+        model = fields.get("model")
+        if model is None:
+            # Null is "not given", as on the data plane.
+            model = provider.default_model
         if not isinstance(model, str):
             raise CommandError("data.model must be a non-empty string when given")
         refusal = model_refusal(model)
@@ -305,6 +308,7 @@ class ControlCommands:
             raise CommandError(f"data.{refusal}")
         model = model.strip()
         named, slash, rest = model.partition("/")
+        named = named.lower()
         if slash and named in self.providers.ids:
             # provider/model, as the data plane takes it: the provider's own
             # prefix is dropped; another provider's is a mistake.

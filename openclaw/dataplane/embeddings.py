@@ -48,6 +48,7 @@ from openclaw.dataplane.request import (
     integer_field,
     json_body,
     requested_model,
+    string_field,
 )
 from openclaw.dataplane.resource import (
     AuthenticatedResource,
@@ -147,7 +148,9 @@ def parse_embedding_request(
     provider_id, chosen = default_provider, default_model
     configured = True
     if model:
-        prefix, slash, name = model.partition("/")
+        # As a chat call's (choose_route): the provider's id in any case.
+        named, slash, name = model.strip().partition("/")
+        prefix = named.lower()
         if slash and prefix in providers.ids:
             wire = providers.get(prefix).embeddings
             if wire is None:
@@ -177,6 +180,7 @@ def parse_embedding_request(
         encoding = "float"
     if encoding not in ENCODINGS:
         raise bad_request("encoding_format must be float or base64", param="encoding_format", code=INVALID_VALUE)
+    string_field("user", body.get("user"))
     return EmbeddingRequest(tuple(inputs), provider_id, chosen, dimensions, encoding, configured)
 
 

@@ -53,6 +53,9 @@ ASSISTANT_PARTS = frozenset({"text", "refusal"})
 #: 64; U{https://platform.openai.com/docs/api-reference/chat/create}) and
 #: Gemini's (which also takes "." but starts with a letter or "_").
 FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
+#: A C{response_format.json_schema.name}: OpenAI's rule (letters, digits,
+#: "_" and "-"; at most 64; U{https://platform.openai.com/docs/api-reference/chat/create}).
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 TOOL_CHOICES = frozenset({"auto", "none", "required"})
 #: The message fields only one role carries, and which (OpenAI's message
 #: shapes, U{https://platform.openai.com/docs/api-reference/chat/create}:
@@ -770,7 +773,11 @@ def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
     number at all (or, for an integer, a decimal), else C{<kind>_below_min_value} or
     C{<kind>_above_max_value} (as OpenAI's API answers C{"temperature": 3}).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and type(value) is not int):
+    written_whole = type(value) is int or (
+        # An integer past 64 bits, which orjson reads as a float.
+        type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS
+    )
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and not written_whole):
         # A decimal number for an integer field is of the wrong type, in
         # range or not (OpenAI: "expected an integer, but got a decimal").
         return INVALID_TYPE
@@ -852,9 +859,12 @@ def _modalities(name: str, value: Any) -> None:
         )
 
 
-def _string(name: str, value: Any) -> None:
+def string_field(name: str, value: Any) -> None:
     """
-    A string field (C{user}, C{service_tier}).
+    The check of a string field (C{user}, C{service_tier}): a string or
+    null.
+
+    @raise APIError: 400 C{invalid_type} naming it.
     """
     if value is not None and not isinstance(value, str):
         raise bad_request(f"{name} must be a string", param=name, code=INVALID_TYPE)
@@ -1012,8 +1022,8 @@ _FIELD_CHECKS: Mapping[str, Callable[[str, Any], None]] = MappingProxyType(
         "seed": integer_field(INT64_MIN, INT64_MAX, SEED_WHY),
         "reasoning_effort": _reasoning_effort,
         "response_format": lambda name, value: _check_response_format(value),
-        "user": _string,
-        "service_tier": _string,
+        "user": string_field,
+        "service_tier": string_field,
         "store": _bool,
         "metadata": _metadata,
         "logit_bias": _logit_bias,
@@ -1130,12 +1140,21 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
         if name in names:
             raise bad_request(f"{at}.name: {name!r} is declared twice", param=f"{at}.name")
         names.add(name)
-        if "description" in function and not isinstance(function["description"], str):
+        if not isinstance(function.get("description"), (str, type(None))):
             raise bad_request(f"{at}.description must be a string", param=f"{at}.description", code=INVALID_TYPE)
-        if "parameters" in function and not isinstance(function["parameters"], dict):
-            raise bad_request(f"{at}.parameters must be a JSON Schema object", param=f"{at}.parameters")
-        if nests_too_deep(function.get("parameters")):
-            raise value_too_deep(f"{at}.parameters")
+        parameters = function.get("parameters")
+        if parameters is not None:
+            if not isinstance(parameters, dict):
+                raise bad_request(f"{at}.parameters must be a JSON Schema object", param=f"{at}.parameters")
+            if parameters.get("type", "object") != "object":
+                # OpenAI's rule, and Gemini's: a function takes an object.
+                raise bad_request(
+                    f'{at}.parameters must be a JSON Schema of "type": "object" (the arguments are a JSON '
+                    "object), or leave its type out",
+                    param=f"{at}.parameters.type",
+                )
+            if nests_too_deep(parameters):
+                raise value_too_deep(f"{at}.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
             raise bad_request(f"{at}.strict must be true or false", param=f"{at}.strict", code=INVALID_TYPE)
     return frozenset(names)
@@ -1570,7 +1589,8 @@ def _check_tool_calls(
 ) -> bool:
     """
     Check an assistant message's C{tool_calls}: calls of functions
-    (C{"type": "function"}, or no type) named by L{FUNCTION_NAME}'s rule,
+    (C{"type": "function"}, or no type or null, which becomes it in place)
+    named by L{FUNCTION_NAME}'s rule,
     and calls of the other C{tool_types}, named by their own rules
     (L{ToolType.check_call_name}); each with a string id used once in the
     message and string C{arguments} (a blank or missing one becomes
@@ -1587,7 +1607,12 @@ def _check_tool_calls(
     seen: set[str] = set()
     for j, call in enumerate(tool_calls):
         at = f"{where}[{j}]"
-        kind = call.get("type", "function") if isinstance(call, dict) else None
+        kind = call.get("type") if isinstance(call, dict) else None
+        if kind is None and isinstance(call, dict):
+            # No type, or null ("not set"): a function's call, so written
+            # (in place) for a provider that reads the history as sent, as
+            # OpenAI's API requires the field.
+            kind = call["type"] = "function"
         # A str first: a list or object is unhashable (no lookup).
         other = tool_types.get(kind) if isinstance(kind, str) and kind != "function" else None
         if not isinstance(call, dict) or (kind != "function" and other is None):
@@ -1917,6 +1942,11 @@ def _check_response_format(response_format: Any) -> None:
         raise bad_request(
             'response_format.json_schema must be {"name": ..., "schema": {...}}', param="response_format.json_schema"
         )
+    if not SCHEMA_NAME.fullmatch(spec["name"]):
+        raise bad_request(
+            "response_format.json_schema.name must be 1 to 64 letters, digits, _ or - (OpenAI's rule)",
+            param="response_format.json_schema.name",
+        )
     if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
         raise bad_request(
             "response_format.json_schema.schema must be a JSON Schema object",
@@ -1936,14 +1966,17 @@ def _check_stop(stop: Any) -> None:
 def choose_route(model: Any, active: Route, provider_ids: tuple[str, ...]) -> Route:
     """
     The route for one call: C{"<provider>/<model>"} picks that provider and
-    model for this call only; anything else (a bare model name, nothing)
-    means the active route, so an application's hard-coded model never
-    overrides the operator's choice.
+    model for this call only (the provider's id in any letter case, space
+    around the whole ignored: C{" Kimi/moonshot-v1-8k"} is Kimi's);
+    anything else (a bare model name, nothing) means the active route, so
+    an application's hard-coded model never overrides the operator's
+    choice.
 
     @raise APIError: 400 for C{"kimi/"} with no model after the slash.
     """
     if isinstance(model, str):
-        provider_id, slash, name = model.partition("/")
+        named, slash, name = model.strip().partition("/")
+        provider_id = named.lower()
         if slash and provider_id in provider_ids:
             if not name.strip():
                 raise bad_request(f"model {model!r} names no model; use {provider_id}/<model>", param="model")
