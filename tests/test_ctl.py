@@ -538,6 +538,12 @@ class MistypedCommandTests(TestCase):
                 "openclawctl: error: unknown command 'rotate-tokn'; did you mean 'rotate-token'?\n",
             ),
             (["consumer", "lst"], "openclawctl consumer: error: unknown action 'lst'; did you mean 'list'?\n"),
+            # In any case; the README's spelling unless the word has a "_".
+            (["PING"], "openclawctl: error: unknown command 'PING'; did you mean 'ping'?\n"),
+            (["HEALTH-CHECK"], "openclawctl: error: unknown command 'HEALTH-CHECK'; did you mean 'health-check'?\n"),
+            (["consumer", "LIST"], "openclawctl consumer: error: unknown action 'LIST'; did you mean 'list'?\n"),
+            (["healthcheck"], "openclawctl: error: unknown command 'healthcheck'; did you mean 'health-check'?\n"),
+            (["rotate"], "openclawctl: error: unknown command 'rotate'; did you mean 'rotate-token'?\n"),
         ):
             out, err, code = yield run_ctl("--token", "T", *argv)
             self.assertEqual((out, err, code), ("", line, 2), argv)

@@ -156,7 +156,8 @@ def did_you_mean(parser: argparse.ArgumentParser, message: str, argv: Sequence[s
     The one line that replaces argparse's C{invalid choice} error
     C{message} when a word of C{argv} is not one of C{parser}'s commands
     (or a command's actions) but close to one (C{helth-check}, C{stauts}):
-    the command it most likely meant, among the names and their aliases.
+    the command it most likely meant, in any letter case (C{PING}), among
+    the names, and their C{_} aliases for a word written with C{_}.
 
     @return: the line (with C{prog: error:}, without the newline), or None:
         C{message} is another error, or no command is close.
@@ -165,10 +166,13 @@ def did_you_mean(parser: argparse.ArgumentParser, message: str, argv: Sequence[s
     if commands is None or not commands.choices:
         return None
     names = list(commands.choices)
+    # The names as the README spells them (health-check), unless the word
+    # has a "_" (helth_check: the protocol's own spelling, health_check).
+    spelled = [name for name in names if "_" not in name or name.replace("_", "-") not in commands.choices]
     for word in argv:
         if word in commands.choices or f"invalid choice: {word!r}" not in message:
             continue
-        close = difflib.get_close_matches(word, names, n=1)
+        close = difflib.get_close_matches(word.lower(), names if "_" in word else spelled, n=1)
         if not close:
             return None
         noun = (commands.metavar or "command").lower()
