@@ -798,6 +798,34 @@ class EmptyArgumentsTests(DataPlaneTestCase):
         self.assertEqual(parts[0]["functionCall"]["name"], "get_time")
 
     @inlineCallbacks
+    def test_history_with_empty_content(self):
+        """
+        An assistant message with tool calls and content "" (how many
+        clients write it back) reaches Kimi without content, which Moonshot
+        refuses ("text content is empty", as the stand-in does); the
+        caller's text is sent otherwise as it is.
+        """
+        gateway = self.gateway()
+        call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
+        for content in ("", "Let me check."):
+            messages = [
+                *QUESTION,
+                {"role": "assistant", "content": content, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "noon"},
+            ]
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+                self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+                self.upstream.gemini.answers[:] = [SUNNY]
+                response, text = yield self.post(gateway, {"model": model, "messages": messages})
+                self.assertEqual(response.code, 200, (model, content, text))
+            sent = self.upstream.kimi.last_body["messages"][1]
+            if content:
+                self.assertEqual(sent["content"], content)
+            else:
+                self.assertNotIn("content", sent)
+            self.assertEqual(sent["tool_calls"][0]["id"], "c1")
+
+    @inlineCallbacks
     def test_history_with_broken_arguments(self):
         """
         A call whose arguments are no JSON object (Kimi's answer cut at its

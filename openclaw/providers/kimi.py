@@ -333,7 +333,8 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES});
     #: it takes Moonshot's video_url parts and ms:// file URLs.  Its usage's
     #: cached prompt tokens are also given where OpenAI has them
-    #: (L{moonshot_usage}).
+    #: (L{moonshot_usage}).  An assistant message with tool calls and an
+    #: empty content goes without it (Moonshot refuses it).
     wire: ClassVar[Wire] = ReasoningKeptWire(
         thinks=thinks,
         tool_types=(MoonshotBuiltinTools(),),
@@ -344,6 +345,7 @@ class KimiAdapter(OpenAICompatibleAdapter):
         # field Moonshot's API does not document.
         google_extras=False,
         usage_shape=moonshot_usage,
+        empty_call_content=False,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(

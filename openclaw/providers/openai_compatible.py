@@ -88,12 +88,20 @@ class OpenAIWire:
     #: given as C{prompt_tokens_details.cached_tokens},
     #: L{moonshot_usage <openclaw.providers.kimi.moonshot_usage>}).
     usage_shape: Callable[[dict[str, Any]], dict[str, Any]] | None = attrs.field(default=None, kw_only=True)
+    #: An assistant message with tool calls and an empty C{content} (C{""},
+    #: as the provider's own answers and many clients write it) is sent as
+    #: it is; off (Kimi's: Moonshot refuses it, "text content is empty",
+    #: MoonshotAI/kimi-cli#2621), it is sent without C{content}, which
+    #: OpenAI's format allows beside C{tool_calls}.
+    empty_call_content: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The caller's body with C{model}, and C{stream_options.include_usage}
         on a stream; an image data URL's type in lower case
-        (L{refuse_image_types}).
+        (L{refuse_image_types}); an assistant message with tool calls
+        without its empty C{content} unless L{empty_call_content}.  The
+        caller's messages are not changed (a copy is sent).
 
         @raise APIError: 400 for an image data URL of a type the API does
             not take (L{image_types}).
@@ -102,6 +110,11 @@ class OpenAIWire:
         if chat.extra_content and not self.google_extras:
             chat = chat.without_google_extras()
         body = {**chat.body, "model": model}
+        if not self.empty_call_content:
+            messages = body["messages"]
+            kept = [_without_empty_content(message) for message in messages]
+            if any(new is not old for new, old in zip(kept, messages, strict=True)):
+                body["messages"] = kept
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
             # client did not (OpenAI's stream_options.include_usage); the
@@ -768,6 +781,17 @@ class OpenAIStream:
 #: of Gemini's placeholder thought signature.  Not empty: Moonshot takes an
 #: empty one as missing (earendil-works/pi #4251).
 REASONING_PLACEHOLDER = "(reasoning not kept)"
+
+
+def _without_empty_content(message: Any) -> Any:
+    if (
+        isinstance(message, dict)
+        and message.get("content") == ""
+        and message.get("role") == "assistant"
+        and message.get("tool_calls")
+    ):
+        return {name: value for name, value in message.items() if name != "content"}
+    return message
 
 
 def _with_reasoning(message: Any, placeholder: str) -> Any:

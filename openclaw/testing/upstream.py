@@ -718,6 +718,8 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
         raise Reject(404, f"Not found the model {model} or Permission denied")
     _check_openai_tool_ids(body["messages"])
     _check_builtin_results(body["messages"])
+    if _MOONSHOT_MODEL.match(model):
+        _check_moonshot_content(body["messages"])
     if _KIMI_THINKING.search(model):
         _check_kimi_reasoning(body["messages"])
         forced = body.get("tool_choice")
@@ -1128,6 +1130,20 @@ def _check_openai_tool_ids(messages: list[Any]) -> None:
             ids.add(call.get("id"))
         if message.get("role") == "tool" and message.get("tool_call_id") not in ids:
             raise Reject(400, f"Invalid request: tool_call_id {message.get('tool_call_id')} is not found")
+
+
+#: Moonshot's models (as opposed to a third OpenAI-compatible provider's).
+_MOONSHOT_MODEL = re.compile(r"moonshot-|kimi-")
+
+
+def _check_moonshot_content(messages: list[Any]) -> None:
+    """
+    Refuse what Moonshot refuses: an assistant message with tool calls
+    whose content is empty text (MoonshotAI/kimi-cli#2621).
+    """
+    for message in messages:
+        if isinstance(message, dict) and message.get("tool_calls") and message.get("content") == "":
+            raise Reject(400, "Invalid request: text content is empty")
 
 
 #: Moonshot's models that think by default (kimi-k2.5 and later, the
