@@ -814,6 +814,38 @@ class CallIdTests(SynchronousTestCase):
             [message["tool_call_id"] for message in messages[2:]], ["call_abc_gs1_BBB", "call_abc_gs1_AAA"]
         )
 
+    def test_clashing_ids_stay_whole(self) -> None:
+        """
+        A client's own C{call_<24 hex>} beside an id of the gateway's that
+        carries a payload after it: plain, the two calls would be one (and
+        so would their results); every id is sent whole instead (agent
+        trial s40).
+        """
+        signed = "call_0123456789abcdef01234567_gs1_WyJhIiwiYiJd"
+        calls = [
+            {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            for call_id in (signed, "call_0123456789abcdef01234567")
+        ]
+        body = {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": calls},
+                {"role": "tool", "tool_call_id": signed, "content": "a"},
+                {"role": "tool", "tool_call_id": "call_0123456789abcdef01234567", "content": "b"},
+            ],
+        }
+        sent = parse_chat_request(orjson.dumps(body)).plain_ids()
+        self.assertFalse(sent.carried_ids)
+        messages = sent.body["messages"]
+        self.assertEqual([call["id"] for call in messages[1]["tool_calls"]], [signed, "call_0123456789abcdef01234567"])
+        self.assertEqual([m["tool_call_id"] for m in messages[2:]], [signed, "call_0123456789abcdef01234567"])
+        # Without the clash, the signed id goes plain.
+        body["messages"][1]["tool_calls"] = calls[:1]
+        del body["messages"][3]
+        messages = parse_chat_request(orjson.dumps(body)).plain_ids().body["messages"]
+        self.assertEqual(messages[1]["tool_calls"][0]["id"], "call_0123456789abcdef01234567")
+
     def test_empty_strings_are_none(self) -> None:
         """
         A crafted payload of empty strings carries nothing: Gemini gets no

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Iterable
 from typing import Any
 
 #: Joins the plain id and the carried payload.  ("gs1": the first carried
@@ -65,6 +66,17 @@ def plain(call_id: str) -> str:
     """
     carrying = _CARRYING.fullmatch(call_id)
     return call_id if carrying is None else carrying[1]
+
+
+def clash(ids: Iterable[str]) -> bool:
+    """
+    Whether two of C{ids} are one once L{plain}: a client's own
+    C{call_<24 hex digits>} beside an id of the gateway's that carries a
+    payload after the same plain id (sent plain, a provider would read
+    both calls, and their results, as one).
+    """
+    whole = set(ids)
+    return len({plain(call_id) for call_id in whole}) < len(whole)
 
 
 def plain_message(message: dict[str, Any]) -> dict[str, Any]:

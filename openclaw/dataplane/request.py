@@ -18,7 +18,7 @@ from __future__ import annotations
 import binascii
 import re
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -28,7 +28,7 @@ import attrs
 import orjson
 from twisted.web.http_headers import Headers
 
-from openclaw.dataplane.callids import payload, plain_message
+from openclaw.dataplane.callids import clash, payload, plain_message
 from openclaw.dataplane.errors import (
     EMPTY_ARRAY,
     INVALID_TYPE,
@@ -530,12 +530,26 @@ class ChatRequest:
     def plain_ids(self) -> ChatRequest:
         """
         This request with every tool call id plain
-        (L{openclaw.dataplane.callids.plain}).
+        (L{openclaw.dataplane.callids.plain}); with every id whole when two
+        would be one plain (L{openclaw.dataplane.callids.clash}).
         """
         if not self.carried_ids:
             return self
+        if clash(call_ids(self.body["messages"])):
+            return attrs.evolve(self, carried_ids=False)
         messages = [plain_message(message) for message in self.body["messages"]]
         return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
+
+
+def call_ids(messages: list[dict[str, Any]]) -> Iterator[str]:
+    """
+    The ids of a validated history's tool calls (its assistant messages'
+    C{tool_calls[].id}).
+    """
+    for message in messages:
+        if message["role"] == "assistant":
+            for call in message.get("tool_calls") or ():
+                yield call["id"]
 
 
 def _without_google(message: dict[str, Any]) -> dict[str, Any]:
