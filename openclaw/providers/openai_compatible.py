@@ -112,9 +112,11 @@ class OpenAIWire:
         body = {**chat.body, "model": model}
         if not self.empty_call_content:
             messages = body["messages"]
-            kept = [_without_empty_content(message) for message in messages]
-            if any(new is not old for new, old in zip(kept, messages, strict=True)):
-                body["messages"] = kept
+            for message in messages:
+                # Validated: each message is an object.
+                if message.get("content") == "" and message.get("tool_calls") and message.get("role") == "assistant":
+                    body["messages"] = [_without_empty_content(message) for message in messages]
+                    break
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
             # client did not (OpenAI's stream_options.include_usage); the
