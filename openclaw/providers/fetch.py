@@ -172,11 +172,11 @@ def read_body(
 
 class ProviderURL(EncodedURL):
     """
-    A provider URL as treq is given it: already a URI (a base URL's host is
-    ASCII, the query treq adds percent-encoded), of which C{to_uri}, which
-    treq calls on every URL, leaves an IPv6 address as it is: hyperlink's
-    own IDNA-encodes the host, which fails for an address such as C{::1}
-    (python-hyper/hyperlink#188; IDNA applies to names only, RFC 5890).
+    A provider URL as treq is given it.  treq makes every URL a URI with
+    hyperlink's C{to_uri}, which IDNA-encodes the host, and fails for an
+    IPv6 address such as C{::1} (python-hyper/hyperlink#188; IDNA applies
+    to names only, RFC 5890): here an address host is left as it is, the
+    rest of the URL (path, the query treq adds) encoded as hyperlink does.
     """
 
     def to_uri(self) -> EncodedURL:
