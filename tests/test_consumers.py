@@ -61,6 +61,7 @@ from openclaw.control.commands import CommandError
 from openclaw.dataplane.embeddings import estimated_tokens
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.request import choice_count
+from openclaw.logs import KEYLESS_FIELD
 from openclaw.metrics import ConsumerMetrics
 from openclaw.settings import ConfigError, load_settings
 from tests.postgres_server import postgres_database
@@ -2406,15 +2407,25 @@ class ConsumerEndpointsTests(GatewayCase):
         gateway, _ = yield self.gateway(gateway_api_keys=(GATEWAY_KEY, lookalike))
         self.assertFalse(gateway.service.consumers.loaded)
         key = NewKey.make().key
-        try:
-            yield deferToThread(
-                self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO
-            )
-        except openai.InternalServerError as e:
-            self.assertEqual((e.status_code, e.code), (503, "consumers_loading"))
-            self.assertEqual(e.response.headers["retry-after"], "2")
-        else:
-            self.fail("a consumer key was accepted before the table loaded")
+        events = capture_log_events(self)
+        sdk = self.sdk(gateway, key)
+        # Refused with the head (a POST: APIRequest) and by the resource (a GET).
+        for call in (
+            lambda: sdk.chat.completions.create(model="kimi/moonshot-v1-8k", messages=HELLO),
+            lambda: sdk.models.list(),
+        ):
+            try:
+                yield deferToThread(call)
+            except openai.InternalServerError as e:
+                self.assertEqual((e.status_code, e.code), (503, "consumers_loading"))
+                self.assertEqual(e.response.headers["retry-after"], "2")
+            else:
+                self.fail("a consumer key was accepted before the table loaded")
+        # The key was not checked, so any client can cause these: their
+        # lines are limited as keyless refusals' (trial s40: one a request).
+        refused = [event for event in events if event.get("outcome") == "consumers_loading"]
+        self.assertEqual(len(refused), 2, refused)
+        self.assertTrue(all(event.get(KEYLESS_FIELD) for event in refused), refused)
         for gateway_key in (GATEWAY_KEY, lookalike):
             yield deferToThread(
                 self.sdk(gateway, gateway_key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO

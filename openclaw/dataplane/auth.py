@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 _BEARER = b"bearer "
 #: Seconds a client is asked to wait (C{Retry-After}) while the consumers load.
 LOADING_RETRY_SECONDS = 2
+#: The codes of the 503s a consumer key gets while the consumers cannot be
+#: read (L{consumers_loading}, L{consumers_unusable},
+#: L{consumers_catching_up}): the key was not checked, so any client can
+#: cause them at will, as a keyless 401 (their log lines are limited alike).
+UNCHECKED_KEY_CODES = frozenset({"consumers_loading", "consumers_unavailable", "consumers_catching_up"})
 
 
 def consumers_loading() -> APIError:

@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from openclaw.addresses import host_of
 from openclaw.connections import Outstanding
 from openclaw.consumers.audit import without_keys
-from openclaw.dataplane.auth import GatewayKeys
+from openclaw.dataplane.auth import UNCHECKED_KEY_CODES, GatewayKeys
 from openclaw.dataplane.errors import APIError, for_operator
 from openclaw.dataplane.offload import BodyWorkers
 from openclaw.logs import DATAPLANE_NAMESPACE, KEYLESS_FIELD
@@ -381,7 +381,11 @@ class APIContext:
                 duration_ms=0.0,
                 peer=peer,
                 request_id=request_id,
-                **({KEYLESS_FIELD: True} if keyless and consumer is None and error.status < 500 else {}),
+                **(
+                    {KEYLESS_FIELD: True}
+                    if keyless and consumer is None and (error.status < 500 or error.code in UNCHECKED_KEY_CODES)
+                    else {}
+                ),
             )
 
     def failed_over(
@@ -427,7 +431,9 @@ class APIContext:
         body, no key) when its level is on.  The line of a refusal (4xx)
         of a request that presented no accepted key (a 401; a 404 or 405,
         answered before any key is looked at, without one) is marked
-        C{keyless} (L{KEYLESS_FIELD}): the log observer lets only so many
+        C{keyless} (L{KEYLESS_FIELD}), as is a consumer key's 503 while the
+        consumers cannot be read (L{UNCHECKED_KEY_CODES}: the key was not
+        checked): the log observer lets only so many
         of those through a second (L{openclaw.logs.PEER_CAUSED_LINES}),
         as any client can send thousands; the count is kept for every one.
 
@@ -481,7 +487,9 @@ class APIContext:
                     # what to check.
                     error_message = clipped(for_operator(error), LOGGED_MESSAGE_CHARS)
             outcome = outcome or "-"
-            keyless = consumer is None and status < 500 and (status == 401 or not self._presents_key(request))
+            keyless = consumer is None and (
+                (status < 500 and (status == 401 or not self._presents_key(request))) or outcome in UNCHECKED_KEY_CODES
+            )
         else:
             return
         client_request_id = client_request_id_of(request)
