@@ -43,7 +43,7 @@ from openclaw.consumers.store import (
     database_error,
     log_database_failure,
 )
-from openclaw.dataplane.errors import APIError
+from openclaw.dataplane.errors import MAX_SLEPT_RETRY_AFTER_SECONDS, APIError
 from openclaw.deferreds import InFlight
 from openclaw.loops import LoggedStep
 from openclaw.timefmt import isoformat
@@ -209,8 +209,14 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     shape of OpenAI's own: code C{rate_limit_exceeded}, type C{requests}
     for a requests limit and C{tokens} for a tokens limit (as OpenAI's
     "Rate limit reached ... on tokens per min (TPM)" answers), with
-    C{Retry-After}.
+    C{Retry-After}: C{retry_after}, but 60 s at most, a minute, for which
+    the openai SDKs sleep and retry (L{MAX_SLEPT_RETRY_AFTER_SECONDS}); a
+    cluster counts whole seconds, so a call may hold its window 61 s
+    (L{openclaw.consumers.shared.CLUSTER_WINDOW_SECONDS}), and a retry a
+    second early is told 1 s more (trial s40: told 61, the SDK raised at
+    once, where a single gateway's 60 had it retry).
     """
+    retry_after = min(retry_after, MAX_SLEPT_RETRY_AFTER_SECONDS)
     return APIError(
         429,
         f"consumer {consumer!r} is over its {what} limit of {limit} per minute (a sliding window of a minute); "
