@@ -142,7 +142,15 @@ class StandInTests(TestCase):
         self.assertEqual(dict(args.keys), {"acme": "A", "kimi": "K"})
         self.assertEqual(dict(args.modes), {"acme": "error", "gemini": "hang"})
         self.patch(sys, "stderr", open(os.devnull, "w"))  # noqa: SIM115 (closed with the process)
-        for bad in (["--key", "openai=x"], ["--mode", "kimi=sulk"], ["--key", "nokey"]):
+        for bad in (
+            ["--key", "openai=x"],
+            ["--mode", "kimi=sulk"],
+            ["--key", "nokey"],
+            # One key a provider: a second was dropped without a word (trial s40).
+            ["--key", "kimi=a", "--key", "kimi=b"],
+            ["--key", "kimi=a", "--kimi-key", "b"],
+            ["--mode", "kimi=error", "--kimi-mode", "hang"],
+        ):
             with self.assertRaises(SystemExit):
                 standin._parse_args(bad)
         self.assertEqual(standin._parse_args([]).retry_after, 1.0)

@@ -2192,6 +2192,12 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     for provider_id, value in args.modes:
         if value not in modes:
             parser.error(f"mode {value!r} of {provider_id} is none of {', '.join(modes)}")
+    for option, pairs in (("--key", args.keys), ("--mode", args.modes)):
+        named = [provider_id for provider_id, _ in pairs]
+        twice = sorted({provider_id for provider_id in named if named.count(provider_id) > 1})
+        if twice:
+            # Each provider accepts one key, has one mode: a second is no pool.
+            parser.error(f"{option} given twice for {', '.join(twice)}: each provider takes one")
     return args
 
 
