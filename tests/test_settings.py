@@ -428,6 +428,23 @@ class LoadTests(SynchronousTestCase):
             self.assertConfigError("CONTROL_LISTEN", "ASCII digits", CONTROL_LISTEN=f"tcp:port={written}")
         self.assertEqual(self.load({"API_PORT": " 42193 "}).api_port, 42193)
 
+    def test_numbers_as_written(self) -> None:
+        """
+        A number with "_" between digits (which Python's int and float
+        take) or in another script's digits is refused as API_PORT is
+        (hostile trial s40: MAX_REQUEST_BYTES=1_000 and UPSTREAM_TIMEOUT=6_0
+        were taken).
+        """
+        for name, written in (
+            ("MAX_REQUEST_BYTES", "1_000_000"),
+            ("UPSTREAM_TIMEOUT", "6_0"),
+            ("SESSION_TTL_HOURS", "2_4"),
+            ("UPSTREAM_TIMEOUT", "\uff16\uff10"),
+        ):
+            self.assertConfigError(name, **{name: written})
+        self.assertEqual(self.load({"UPSTREAM_TIMEOUT": " 60 "}).upstream_timeout, 60.0)
+        self.assertEqual(self.load({"MAX_REQUEST_BYTES": "1000000"}).max_request_bytes, 1000000)
+
     def test_ttl_upper_bound(self) -> None:
         self.assertConfigError("SESSION_TTL_HOURS", "87600", SESSION_TTL_HOURS="1e8")
 

@@ -31,6 +31,20 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DIGITS = re.compile(r"[0-9]+")
 
 
+def _numeral(text: str) -> str:
+    """
+    C{text} if it is a number as people write one: ASCII, without the
+    C{_} between digits that Python's C{int} and C{float} take
+    (C{"1_000"}, C{"6_0"}: no setting's value anyone meant), nor the other
+    scripts' digits C{int} takes (C{"\uff16\uff10"}).
+
+    @raise ValueError: it is not.
+    """
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return text
+
+
 def _port(text: str) -> int:
     if not _DIGITS.fullmatch(text.strip()):
         # int() takes any Unicode digit, a sign and underscores: "４２１９３",
@@ -101,7 +115,7 @@ def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS
     """
 
     def parse(text: str) -> float:
-        value = float(text)
+        value = float(_numeral(text))
         if not (low < value if above else low <= value) or not value <= high:
             raise ValueError
         return value
@@ -126,7 +140,7 @@ def _hours(text: str) -> float:
 
     @raise ValueError: anything else (not a number, NaN, infinite).
     """
-    value = float(text)
+    value = float(_numeral(text))
     if not MIN_SESSION_TTL_SECONDS / 3600 <= value <= MAX_SESSION_TTL_HOURS:
         raise ValueError
     return value
@@ -191,7 +205,7 @@ def _model_name(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = int(_numeral(text))
     if value <= 0:
         raise ValueError
     return value
@@ -206,7 +220,7 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     """
 
     def parse(text: str) -> int:
-        value = int(text)
+        value = int(_numeral(text))
         if not low <= value <= high:
             raise ValueError
         return value
