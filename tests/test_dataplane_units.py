@@ -478,6 +478,8 @@ class RequestTests(SynchronousTestCase):
             {"name": "f", "description": None, "parameters": None},
             {"name": "f", "parameters": {}},
             {"name": "f", "parameters": {"type": "object", "properties": {}}},
+            {"name": "f", "parameters": {"type": None}},
+            {"name": "f", "parameters": {"type": "OBJECT"}},
         ):
             body = {
                 "messages": [{"role": "user", "content": "x"}],
@@ -818,13 +820,14 @@ class CallIdTests(SynchronousTestCase):
         """
         A client's own C{call_<24 hex>} beside an id of the gateway's that
         carries a payload after it: plain, the two calls would be one (and
-        so would their results); every id is sent whole instead (agent
-        trial s40).
+        so would their results); that id is sent whole instead, the others
+        plain (agent trial s40).
         """
         signed = "call_0123456789abcdef01234567_gs1_WyJhIiwiYiJd"
+        other = "call_fedcba9876543210fedcba98_gs1_WyJhIiwiYiJd"
         calls = [
             {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}
-            for call_id in (signed, "call_0123456789abcdef01234567")
+            for call_id in (signed, "call_0123456789abcdef01234567", other)
         ]
         body = {
             "model": "m",
@@ -833,16 +836,18 @@ class CallIdTests(SynchronousTestCase):
                 {"role": "assistant", "content": None, "tool_calls": calls},
                 {"role": "tool", "tool_call_id": signed, "content": "a"},
                 {"role": "tool", "tool_call_id": "call_0123456789abcdef01234567", "content": "b"},
+                {"role": "tool", "tool_call_id": other, "content": "c"},
             ],
         }
         sent = parse_chat_request(orjson.dumps(body)).plain_ids()
         self.assertFalse(sent.carried_ids)
         messages = sent.body["messages"]
-        self.assertEqual([call["id"] for call in messages[1]["tool_calls"]], [signed, "call_0123456789abcdef01234567"])
-        self.assertEqual([m["tool_call_id"] for m in messages[2:]], [signed, "call_0123456789abcdef01234567"])
+        expected = [signed, "call_0123456789abcdef01234567", "call_fedcba9876543210fedcba98"]
+        self.assertEqual([call["id"] for call in messages[1]["tool_calls"]], expected)
+        self.assertEqual([m["tool_call_id"] for m in messages[2:]], expected)
         # Without the clash, the signed id goes plain.
         body["messages"][1]["tool_calls"] = calls[:1]
-        del body["messages"][3]
+        del body["messages"][3:]
         messages = parse_chat_request(orjson.dumps(body)).plain_ids().body["messages"]
         self.assertEqual(messages[1]["tool_calls"][0]["id"], "call_0123456789abcdef01234567")
 

@@ -646,6 +646,9 @@ class OpenAICodeTests(DataPlaneTestCase):
             # Past 64 bits (orjson reads it as a float): written whole, too large.
             ({"max_tokens": 10**30}, "max_tokens", "integer_above_max_value"),
             ({"seed": -(10**30)}, "seed", "integer_below_min_value"),
+            # In range, but written with an exponent: a decimal.
+            ({"seed": 1e16}, "seed", "invalid_type"),
+            ({"seed": -1e16}, "seed", "invalid_type"),
             ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "invalid_value"),
             ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
             ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),

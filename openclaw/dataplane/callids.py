@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,25 +69,32 @@ def plain(call_id: str) -> str:
     return call_id if carrying is None else carrying[1]
 
 
-def clash(ids: Iterable[str]) -> bool:
+def clashing(ids: Iterable[str]) -> frozenset[str]:
     """
-    Whether two of C{ids} are one once L{plain}: a client's own
-    C{call_<24 hex digits>} beside an id of the gateway's that carries a
-    payload after the same plain id (sent plain, a provider would read
-    both calls, and their results, as one).
+    The ids among C{ids} that carry a payload and would be one with
+    another once L{plain}: beside a client's own C{call_<24 hex digits>},
+    an id of the gateway's carrying a payload after the same plain id
+    (sent plain, a provider would read both calls, and their results, as
+    one).  Those are to be sent whole, the others plain.
     """
     whole = set(ids)
-    return len({plain(call_id) for call_id in whole}) < len(whole)
+    counts = Counter(plain(call_id) for call_id in whole)
+    return frozenset(call_id for call_id in whole if counts[plain(call_id)] > 1 and plain(call_id) != call_id)
 
 
-def plain_message(message: dict[str, Any]) -> dict[str, Any]:
+def plain_message(message: dict[str, Any], whole: frozenset[str] = frozenset()) -> dict[str, Any]:
     """
     A validated chat message with its tool call ids (an assistant's
-    C{tool_calls[].id}, a tool result's C{tool_call_id}) L{plain}.
+    C{tool_calls[].id}, a tool result's C{tool_call_id}) L{plain}, but
+    those in C{whole} (L{clashing}).
     """
+
+    def plained(call_id: str) -> str:
+        return call_id if call_id in whole else plain(call_id)
+
     if message["role"] == "tool":
-        return {**message, "tool_call_id": plain(message["tool_call_id"])}
+        return {**message, "tool_call_id": plained(message["tool_call_id"])}
     calls = message.get("tool_calls") if message["role"] == "assistant" else None
     if not calls:
         return message
-    return {**message, "tool_calls": [{**call, "id": plain(call["id"])} for call in calls]}
+    return {**message, "tool_calls": [{**call, "id": plained(call["id"])} for call in calls]}

@@ -28,7 +28,7 @@ import attrs
 import orjson
 from twisted.web.http_headers import Headers
 
-from openclaw.dataplane.callids import clash, payload, plain_message
+from openclaw.dataplane.callids import clashing, payload, plain_message
 from openclaw.dataplane.errors import (
     EMPTY_ARRAY,
     INVALID_TYPE,
@@ -530,14 +530,14 @@ class ChatRequest:
     def plain_ids(self) -> ChatRequest:
         """
         This request with every tool call id plain
-        (L{openclaw.dataplane.callids.plain}); with every id whole when two
-        would be one plain (L{openclaw.dataplane.callids.clash}).
+        (L{openclaw.dataplane.callids.plain}), but those that would then be
+        one with another id, sent whole
+        (L{openclaw.dataplane.callids.clashing}).
         """
         if not self.carried_ids:
             return self
-        if clash(call_ids(self.body["messages"])):
-            return attrs.evolve(self, carried_ids=False)
-        messages = [plain_message(message) for message in self.body["messages"]]
+        whole = clashing(call_ids(self.body["messages"]))
+        messages = [plain_message(message, whole) for message in self.body["messages"]]
         return attrs.evolve(self, body={**self.body, "messages": messages}, carried_ids=False)
 
 
@@ -788,8 +788,9 @@ def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
     C{<kind>_above_max_value} (as OpenAI's API answers C{"temperature": 3}).
     """
     written_whole = type(value) is int or (
-        # An integer past 64 bits, which orjson reads as a float.
-        type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS
+        # An integer past 64 bits, which orjson reads as a float (one in
+        # range was written with a fraction or exponent: a decimal).
+        type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS and not low <= value <= high
     )
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and not written_whole):
         # A decimal number for an integer field is of the wrong type, in
@@ -1160,7 +1161,8 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
         if parameters is not None:
             if not isinstance(parameters, dict):
                 raise bad_request(f"{at}.parameters must be a JSON Schema object", param=f"{at}.parameters")
-            if parameters.get("type", "object") != "object":
+            kind = parameters.get("type")
+            if kind is not None and not (isinstance(kind, str) and kind.lower() == "object"):
                 # OpenAI's rule, and Gemini's: a function takes an object.
                 raise bad_request(
                     f'{at}.parameters must be a JSON Schema of "type": "object" (the arguments are a JSON '
