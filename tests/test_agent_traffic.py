@@ -807,7 +807,7 @@ class EmptyArgumentsTests(DataPlaneTestCase):
         """
         gateway = self.gateway()
         call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-        for content in ("", "Let me check."):
+        for content in ("", [{"type": "text", "text": ""}], "Let me check."):
             messages = [
                 *QUESTION,
                 {"role": "assistant", "content": content, "tool_calls": [call]},
@@ -819,7 +819,7 @@ class EmptyArgumentsTests(DataPlaneTestCase):
                 response, text = yield self.post(gateway, {"model": model, "messages": messages})
                 self.assertEqual(response.code, 200, (model, content, text))
             sent = self.upstream.kimi.last_body["messages"][1]
-            if content:
+            if content == "Let me check.":
                 self.assertEqual(sent["content"], content)
             else:
                 self.assertNotIn("content", sent)

@@ -89,10 +89,11 @@ class OpenAIWire:
     #: L{moonshot_usage <openclaw.providers.kimi.moonshot_usage>}).
     usage_shape: Callable[[dict[str, Any]], dict[str, Any]] | None = attrs.field(default=None, kw_only=True)
     #: An assistant message with tool calls and an empty C{content} (C{""},
-    #: as the provider's own answers and many clients write it) is sent as
-    #: it is; off (Kimi's: Moonshot refuses it, "text content is empty",
-    #: MoonshotAI/kimi-cli#2621), it is sent without C{content}, which
-    #: OpenAI's format allows beside C{tool_calls}.
+    #: or text parts holding none, as many clients write it) is sent as it
+    #: is; off (Kimi's: Moonshot refuses it, "text content is empty",
+    #: MoonshotAI/kimi-cli#2621 for C{""}, BerriAI/litellm#42186 for the
+    #: parts), it is sent without C{content}, which OpenAI's format allows
+    #: beside C{tool_calls}.
     empty_call_content: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
@@ -114,7 +115,7 @@ class OpenAIWire:
             messages = body["messages"]
             for message in messages:
                 # Validated: each message is an object.
-                if message.get("content") == "" and message.get("tool_calls") and message.get("role") == "assistant":
+                if _empty_text(message.get("content")) and message.get("tool_calls") and message["role"] == "assistant":
                     body["messages"] = [_without_empty_content(message) for message in messages]
                     break
         if chat.stream and not chat.include_usage:
@@ -785,10 +786,24 @@ class OpenAIStream:
 REASONING_PLACEHOLDER = "(reasoning not kept)"
 
 
+def _empty_text(content: Any) -> bool:
+    """
+    Whether a message's C{content} is empty text: C{""}, or text parts
+    that hold none (C{[{"type": "text", "text": ""}]}: BerriAI/litellm#42186).
+    """
+    if content == "":
+        return True
+    return (
+        isinstance(content, list)
+        and bool(content)
+        and all(isinstance(part, dict) and part.get("type") == "text" and part.get("text") == "" for part in content)
+    )
+
+
 def _without_empty_content(message: Any) -> Any:
     if (
         isinstance(message, dict)
-        and message.get("content") == ""
+        and _empty_text(message.get("content"))
         and message.get("role") == "assistant"
         and message.get("tool_calls")
     ):

@@ -1139,10 +1139,17 @@ _MOONSHOT_MODEL = re.compile(r"moonshot-|kimi-")
 def _check_moonshot_content(messages: list[Any]) -> None:
     """
     Refuse what Moonshot refuses: an assistant message with tool calls
-    whose content is empty text (MoonshotAI/kimi-cli#2621).
+    whose content is empty text, C{""} (MoonshotAI/kimi-cli#2621) or a
+    text part holding none (BerriAI/litellm#42186).
     """
     for message in messages:
-        if isinstance(message, dict) and message.get("tool_calls") and message.get("content") == "":
+        if not isinstance(message, dict) or not message.get("tool_calls"):
+            continue
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        if content is not None and any(
+            isinstance(part, dict) and part.get("type") == "text" and part.get("text") == "" for part in parts
+        ):
             raise Reject(400, "Invalid request: text content is empty")
 
 
