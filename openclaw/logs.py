@@ -635,7 +635,9 @@ DATAPLANE_NAMESPACE = "openclaw.dataplane"
 #: The metrics listener's log namespace (L{openclaw.dataplane.site}).
 METRICS_NAMESPACE = "openclaw.metrics"
 #: The field that marks the data plane's line for a request refused
-#: without an accepted key (C{True}; absent on every other line).
+#: without an accepted key (C{True}; absent on every other line): a 4xx,
+#: or a consumer key's 503 while the consumers cannot be read (the key
+#: not checked: L{openclaw.dataplane.auth.UNCHECKED_KEY_CODES}).
 KEYLESS_FIELD = "keyless"
 #: How many refusals of requests without an accepted key are logged at
 #: most in L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: a few clients with a
@@ -717,7 +719,8 @@ class PeerCausedLine:
 #: the answers: no error of the gateway's, which goes on serving everyone
 #: else, so shown at info; and the data plane's line for each request
 #: refused without an accepted key (L{KEYLESS_FIELD}: a 401, a 404 or 405,
-#: any 4xx answered before a key was accepted), L{KEYLESS_REFUSAL_LINES}
+#: any 4xx answered before a key was accepted, a consumer key's 503 while
+#: the consumers cannot be read), L{KEYLESS_REFUSAL_LINES}
 #: a second; and the control plane's lines for each refused connection
 #: (L{REFUSED_CONNECTION_FIELD}) and each connection a TLS error ended
 #: (its C{tls_error} field), L{REFUSED_CONNECTION_LINES} a second each.

@@ -386,11 +386,15 @@ class QuotedAddressTests(_Gateways):
             b"redirect_uri=[redacted]%2Fv1 or [redacted], [redacted], %2F[redacted]%2F, key_[redacted]_8443",
         )
         self.assertEqual(scrubber.quoted(b"10.0.0.7%3A84430, 10.0.0.70"), b"[redacted]%3A84430, 10.0.0.70")
+        # A percent-encoded digit is part of the address (%31 is "1": 110.0.0.7).
+        self.assertEqual(scrubber.quoted(b"%3110.0.0.7"), b"%3110.0.0.7")
         # An IPv6 address bracketed or not, percent-encoded too; not inside a longer one.
         scrubber = Scrubber((), named_addresses("http://[::1]:8000/v1"))
         self.assertEqual(
-            scrubber.quoted(b"Failed to connect to ::1 port 8000; [::1]:8000, %5B%3A%3A1%5D%3A8000; fe80::1, ::10"),
-            b"Failed to connect to [redacted] port 8000; [redacted], [redacted]; fe80::1, ::10",
+            scrubber.quoted(
+                b"Failed to connect to ::1 port 8000; [::1]:8000, %5B%3A%3A1%5D%3A8000; fe80::1, ::10, fe80:::1, ::1:2"
+            ),
+            b"Failed to connect to [redacted] port 8000; [redacted], [redacted]; fe80::1, ::10, fe80:::1, ::1:2",
         )
         # Answers keep them (data): a model may name a host.
         self.assertEqual(scrubber.data(b"https://proxy.internal/v1"), b"https://proxy.internal/v1")

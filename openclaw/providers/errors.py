@@ -580,19 +580,27 @@ def _address_pattern(addresses: tuple[str, ...]) -> re.Pattern[bytes] | None:
     that matches where several start), in any case, a C{/} also as JSON's
     C{\\/}, each also percent-encoded (RFC 3986 section 2.1: quoted from
     a query string, C{redirect_uri=http%3A%2F%2F...}), not inside a longer
-    name, number or address (a C{_} or a percent-encoded delimiter next to
-    it is no part of one).
+    name, number or address (a C{_} or a percent-encoded delimiter, space
+    or punctuation next to it is no part of one; a percent-encoded digit or
+    letter is).
     """
     if not addresses:
         return None
     forms: list[bytes] = []
     for address in addresses:
-        forms.append(re.escape(address.encode("utf-8")).replace(b"/", rb"(?:/|\\/)"))
+        form = re.escape(address.encode("utf-8")).replace(b"/", rb"(?:/|\\/)")
+        if ":" in address and not address.startswith(("[", "http")):
+            # An IPv6 address without brackets: not inside a longer one
+            # (::1 in fe80:::1 or ::1:2).
+            form = rb"(?<!:)" + form + rb"(?!:)"
+        forms.append(form)
         encoded = quote(address, safe="")
         if encoded != address:
             forms.append(re.escape(encoded.encode("ascii")))
     return re.compile(
-        rb"(?:(?<=%[0-9A-Fa-f]{2})|(?<![A-Za-z0-9.-]))(?:" + b"|".join(forms) + rb")(?![A-Za-z0-9-]|\.[A-Za-z0-9])",
+        rb"(?:(?<=%(?:2[0-9A-Fa-f]|3[A-Fa-f]|40|5[BDbd]))|(?<![A-Za-z0-9.-]))(?:"
+        + b"|".join(forms)
+        + rb")(?![A-Za-z0-9-]|\.[A-Za-z0-9])",
         re.IGNORECASE,
     )
 
