@@ -18,7 +18,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from openclaw.providers import (
@@ -159,6 +159,11 @@ class HealthyTests(ProviderTestCase):
         is listed and probed as any other: hyperlink, under treq, cannot
         make such a URL a URI (python-hyper/hyperlink#188).
         """
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            raise SkipTest("this host has no IPv6 loopback address") from None
         upstream = start_upstream(self, KIMI_KEY, GEMINI_KEY, interface="::1")
         settings = upstream.provider_settings()
         self.assertTrue(settings["kimi"].base_url.startswith("http://[::1]:"), settings["kimi"].base_url)
