@@ -31,6 +31,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
 from openclaw.cluster.lockout import SharedLockout
+from openclaw.cluster.membership import Membership
 from openclaw.cluster.node import ClusterClock, ClusterNode
 from openclaw.cluster.redis import RedisStore, redis_database
 from openclaw.cluster.scrape import (
@@ -1439,6 +1440,11 @@ class GatewayService(SequentialMultiService):
         self.shared_consumers = SharedConsumers(
             self.consumers, self.consumers.counters, self._redis, self.instance, monotonic=boot_clock
         )
+        #: This instance's record, in STATE_DIR, that it was in step with
+        #: the cluster (read at start: L{_restore_route}).
+        self.membership = Membership.in_directory(
+            settings.state_dir, settings.cluster_name, masked_url(settings.redis_url), self.writer
+        )
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -1459,6 +1465,7 @@ class GatewayService(SequentialMultiService):
             clock=self.cluster_clock,
             cluster_name=settings.cluster_name,
             database=redis_database(settings.redis_url) or 0,
+            on_in_step=self.membership.record,
         )
         self.lockout = SharedLockout(
             # Monotonic, as the standalone one (ControlFactory's): the
@@ -1696,9 +1703,12 @@ class GatewayService(SequentialMultiService):
         C{switch_provider} of an earlier run) the one in force, when it is
         not the configured one (L{restored_route}); a state file that
         cannot be trusted is logged as a warning and ignored.  In a
-        cluster, nothing: the Redis copy is the cluster's route.
+        cluster, the Redis copy is the cluster's route: only whether this
+        instance was in step with the cluster before is read
+        (L{Membership.held}).
         """
         if self.cluster is not None:
+            self.cluster.was_in_step = self.membership.held()
             return
         restored = self.store.load()
         if restored is not None and restored != self.route.current:

@@ -24,7 +24,16 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import MAX_STALE_READS, ROUTE, TOKEN, decode_token, encode_route, encode_token
+from openclaw.cluster.membership import MEMBERSHIP_FILE, Membership
+from openclaw.cluster.node import (
+    MAX_STALE_READS,
+    ROUTE,
+    TOKEN,
+    WRITE_BACK_POLL_SECONDS,
+    decode_token,
+    encode_route,
+    encode_token,
+)
 from openclaw.cluster.store import Versioned
 from openclaw.files import write_atomically
 from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route
@@ -83,7 +92,7 @@ class LostState(TestCase):
         """
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(5)
         d = self.node("d", route)
         d.connected()
@@ -130,7 +139,7 @@ class LostState(TestCase):
         operators = self.a.sessions.current
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(0.5)
         d = self.node("d")
         minted = d.sessions.mint()
@@ -153,7 +162,7 @@ class LostState(TestCase):
         """
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(0.2)
         operators = self.a.sessions.mint()
         self.store.values[TOKEN] = Versioned(1, encode_token(operators), "old")
@@ -163,7 +172,7 @@ class LostState(TestCase):
         b.connected()
         a.lost()
         b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(0.3)
         d = self.node("d")
         minted = d.sessions.mint()
@@ -186,7 +195,7 @@ class LostState(TestCase):
         operators = self.a.sessions.current
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(0.5)
         minted = self.a.sessions.mint()
         while minted.jti > operators.jti:
@@ -211,6 +220,119 @@ class LostState(TestCase):
         self.assertEqual(self.a.sessions.current.jti, earlier.jti)
         self.assertEqual(self.store.values[TOKEN].version, 1)
 
+    def restarted_during_the_outage(self, route: Route = GEMINI, was_in_step: bool = True) -> ClusterNode:
+        """
+        The store comes back empty; D, restarted while it was away
+        (C{was_in_step}: its record in STATE_DIR), reaches it before the
+        running nodes reconnect.
+        """
+        self.a.lost()
+        self.b.lost()
+        self.store.flush()
+        self.clock.advance(5)
+        d = self.node("d", route)
+        d.was_in_step = was_in_step
+        d.connected()
+        return d
+
+    def test_instance_in_step_before_waits_for_the_write_back(self) -> None:
+        """
+        Cluster trial s40: D was in step before its restart and finds the
+        store empty: it proposes nothing (it served its configured route
+        and a token of its own for a second or two), and takes the
+        cluster's once the running nodes write it back.
+        """
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        jti = self.a.sessions.current.jti
+        events = capture_log_events(self)
+        d = self.restarted_during_the_outage()
+        self.assertEqual(self.store.values, {})
+        self.assertFalse(d.up)
+        self.assertIsNone(d.sessions.current_or_none)
+        self.clock.advance(WRITE_BACK_POLL_SECONDS * 3)
+        self.assertEqual(self.store.values, {})
+        waits = [formatEvent(e) for e in events if "waiting up to" in formatEvent(e)]
+        self.assertEqual(len(waits), 1, waits)
+        self.assertIn("was in step with the cluster before it started", waits[0])
+        self.a.connected()
+        self.b.connected()
+        self.clock.advance(WRITE_BACK_POLL_SECONDS)
+        self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
+        self.assertTrue(d.up)
+
+    def test_never_written_back_proposes_after_the_grace(self) -> None:
+        """
+        Every instance restarted with the store (none writes back): D
+        proposes its own once L{ClusterNode.write_back_grace} has passed,
+        and says why.
+        """
+        events = capture_log_events(self)
+        d = self.restarted_during_the_outage(Route("kimi", "k-9"))
+        # A heartbeat interval, the reconnection backoff's cap, two timeouts.
+        self.assertEqual(d.write_back_grace, 10 + 5 + 2 * 1.0)
+        self.clock.advance(d.write_back_grace - WRITE_BACK_POLL_SECONDS)
+        self.assertEqual(self.store.values, {})
+        self.clock.advance(WRITE_BACK_POLL_SECONDS)
+        self.assertEqual(self.store.values[ROUTE].origin, "d")
+        self.assertTrue(d.up)
+        self.assertEqual(d.route.current, Route("kimi", "k-9"))
+        said = [formatEvent(e) for e in events if "no instance wrote" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+
+    def test_new_instance_proposes_at_once(self) -> None:
+        """
+        An instance never in step with this cluster (no record) and no
+        instance in step alive: a new cluster, or one whose instances are
+        away; it proposes its own at once, as before.
+        """
+        d = self.restarted_during_the_outage(was_in_step=False)
+        self.assertEqual(self.store.values[ROUTE].origin, "d")
+        self.assertTrue(d.up)
+
+    def test_waits_while_instances_in_step_are_alive(self) -> None:
+        """
+        The store lost the route and token only (evicted), the running
+        nodes' heartbeats still there: even a new instance waits for them
+        to write them back, at their next heartbeat.
+        """
+        self.a.start()
+        self.b.start()
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        jti = self.a.sessions.current.jti
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        self.store.values.clear()
+        d = self.node("d")
+        d.connected()
+        self.assertEqual(self.store.values, {})
+        for _ in range(11):
+            self.clock.advance(1)
+        self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
+
+    def test_in_step_told_once(self) -> None:
+        """
+        C{on_in_step} is called the first time the node is up, never again
+        (after an outage, say): the record is written once a run.
+        """
+        told: list[None] = []
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(GEMINI),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            "c",
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+            on_in_step=lambda: told.append(None),
+        )
+        self.assertEqual(told, [])
+        node.connected()
+        self.assertEqual(told, [None])
+        node.lost()
+        node.connected()
+        self.assertTrue(node.up)
+        self.assertEqual(told, [None])
+
     def test_heartbeat_writes_back_a_flushed_state(self) -> None:
         """
         The store emptied in place (no disconnection): the next heartbeat
@@ -223,7 +345,7 @@ class LostState(TestCase):
         self.addCleanup(self.b.stop)
         self.successResultOf(self.a.switch(Route("kimi", "k-1")))
         token = self.successResultOf(self.a.rotate(self.a.sessions.mint()))
-        self.store.values.clear()
+        self.store.flush()
         events = capture_log_events(self)
         self.clock.advance(10)
         self.assertTrue(any("the cluster store lost the route and token" in formatEvent(e) for e in events))
@@ -254,7 +376,7 @@ class LostState(TestCase):
         self.clock.advance(10)
         self.assertEqual(told, [])
         self.successResultOf(node.switch(Route("kimi", "k-1")))
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(10)
         self.assertEqual(told, [None])
         self.clock.advance(10)
@@ -275,7 +397,7 @@ class LostState(TestCase):
             self.addCleanup(node.stop)
         jti = self.a.sessions.current.jti
         self.clock.advance(3)
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(1)
         c = self.node("c", Route("kimi", "k-9"))
         c.connected()
@@ -302,12 +424,12 @@ class LostState(TestCase):
         """
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(1)
         x = self.node("x")
         x.connected()
         earlier = dict(self.store.values)
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(1)
         y = self.node("y", Route("kimi", "k-1"))
         y.connected()
@@ -356,7 +478,7 @@ class LostState(TestCase):
         """
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         self.store.values[ROUTE] = Versioned(1, encode_route(Route("kimi", "k-1")), "old")
         # Started (new version) while the cluster's route is an earlier
         # version's: they take it.
@@ -368,7 +490,7 @@ class LostState(TestCase):
         self.addCleanup(self.a.stop)
         self.addCleanup(self.b.stop)
         jti = self.a.sessions.current.jti
-        self.store.values.clear()
+        self.store.flush()
         self.clock.advance(1)
         c = self.node("c", GEMINI)
         c.connected()
@@ -411,7 +533,7 @@ class LostState(TestCase):
         self.clock.advance(1)
         self.assertEqual((self.a.versions[change], d.versions[change]), (2, 1))
         self.a.lost()
-        self.store.values.clear()
+        self.store.flush()
         writes = self.writes()
         n = self.node("n")
         n.connected()
@@ -469,7 +591,7 @@ class LostState(TestCase):
             node.start()
             self.addCleanup(node.stop)
         self.clock.advance(3600 * 5)
-        self.store.values.clear()
+        self.store.flush()
         self.store.values[ROUTE] = Versioned(1, '{"provider": "kimi", "model": "k-1"}', "old")
         # The token the instances know, at the version they know (its
         # record as an earlier version wrote it: no C{at}).
@@ -520,7 +642,7 @@ class LostState(TestCase):
         self.clock.advance(60)
         self.a.lost()
         self.b.lost()
-        self.store.values.clear()
+        self.store.flush()
         f = self.node("f", secret=b"fedcba9876543210fedcba9876543210")
         f.connected()
         f.start()
@@ -608,6 +730,62 @@ class LostState(TestCase):
                 "until it works"
             ],
         )
+
+
+class MembershipRecord(TestCase):
+    """
+    L{Membership}: the record, in STATE_DIR, that an instance was in step
+    with its cluster.
+    """
+
+    def setUp(self) -> None:
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir()
+        self.membership = Membership.in_directory(self.directory, "openclaw", "redis://127.0.0.1:6379/0")
+
+    def test_recorded_then_held(self) -> None:
+        self.assertFalse(self.membership.held())
+        self.successResultOf(self.membership.record())
+        self.assertTrue(self.membership.held())
+        self.assertEqual((self.directory / MEMBERSHIP_FILE).stat().st_mode & 0o777, 0o600)
+
+    def test_another_cluster_or_store_not_held(self) -> None:
+        """
+        A record of another CLUSTER_NAME, or of another store (REDIS_URL
+        changed), says nothing about this one.
+        """
+        self.successResultOf(self.membership.record())
+        for other in (
+            Membership.in_directory(self.directory, "other", "redis://127.0.0.1:6379/0"),
+            Membership.in_directory(self.directory, "openclaw", "redis://10.0.0.2:6379/0"),
+        ):
+            self.assertFalse(other.held())
+
+    def test_unreadable_not_held(self) -> None:
+        """
+        A record that is not JSON, or not a regular file, is "no", said.
+        """
+        events = capture_log_events(self)
+        path = self.directory / MEMBERSHIP_FILE
+        path.write_bytes(b"\xff{")
+        self.assertFalse(self.membership.held())
+        path.unlink()
+        path.mkdir()
+        self.assertFalse(self.membership.held())
+        said = [formatEvent(e) for e in events if "ignoring" in formatEvent(e)]
+        self.assertEqual(len(said), 2, said)
+
+    def test_unwritable_said(self) -> None:
+        """
+        A record that cannot be written is a warning naming what to fix,
+        never a failure.
+        """
+        events = capture_log_events(self)
+        gone = Membership.in_directory(self.directory / "gone", "openclaw", "redis://127.0.0.1:6379/0")
+        self.assertIsNone(self.successResultOf(gone.record()))
+        said = [formatEvent(e) for e in events if "could not record" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn("STATE_DIR", said[0])
 
 
 class HeldWriter:
@@ -904,6 +1082,47 @@ class LostStateOnRedis(ClusterCase):
             status = yield client.ask(token, "status")
             self.assertEqual(status["result"]["provider_id"], "kimi", process.stdout[-3000:])
         self.assertNotIn(b"applied the cluster's route gemini", a.stdout + b.stdout)
+
+    @inlineCallbacks
+    def test_restarted_during_an_outage_waits_for_the_write_back(self) -> None:
+        """
+        Cluster trial s40: A (behind a proxy, so that it stays away) and B
+        serve kimi; B stops, Redis restarts empty, and B started again
+        with its STATE_DIR reaches it first: it waits, and its banner has
+        the operators' token once A writes the cluster's state back (it
+        printed a token of its own, and served gemini, for a second or
+        two).
+        """
+        proxy = DelayingProxy(self.redis)
+        port = proxy.port.getHost().port
+        a = self.spawn(REDIS_URL=proxy.url)
+        token = yield a.token
+        state_dir = Path(self.mktemp()).absolute()
+        state_dir.mkdir()
+        b = self.spawn(STATE_DIR=str(state_dir))
+        yield b.token
+        deadline = time.monotonic() + 10
+        while not (state_dir / MEMBERSHIP_FILE).exists():
+            self.assertLess(time.monotonic(), deadline, b.stdout[-3000:])
+            yield sleep(0.05)
+        on_a = yield self.client(a.port)
+        answer = yield on_a.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        yield printed(b, b"applied the cluster's route kimi/")
+        yield b.stop()
+        yield proxy.stop()
+        self.redis.stop()
+        self.redis.start()
+        again = self.spawn(b.port, b.api_port, STATE_DIR=str(state_dir))
+        yield printed(again, b"waiting up to")
+        proxy.port = reactor.listenTCP(port, proxy.port.factory, interface="127.0.0.1")
+        self.addCleanup(proxy.stop)
+        token_again = yield again.token
+        self.assertEqual(token_again, token)
+        self.assertIn(b"cluster store up: route kimi/", again.stdout)
+        self.assertNotIn(b"route gemini/", again.stdout)
+        answer = yield on_a.ask(token, "ping")
+        self.assertTrue(answer["ok"], answer)
 
     @inlineCallbacks
     def test_flushall_then_a_restart(self) -> None:

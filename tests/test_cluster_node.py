@@ -372,7 +372,7 @@ class Nodes(TestCase):
         a, b = self.nodes
         self.successResultOf(a.switch(Route("kimi", "k-1")))
         jti = a.sessions.current.jti
-        self.store.values.clear()
+        self.store.flush()
         a.lost()
         a.connected()
         self.assertEqual(self.store.values["token"].version, 1)
@@ -727,7 +727,7 @@ class Healing(TestCase):
         a = self.node("a")
         a.connected()
         good = a.sessions.current
-        self.store.values.clear()
+        self.store.flush()
         b = self.node("b", secret=b"another-secret-of-at-least-32-bytes!")
         b.connected()
         self.assertEqual(self.foreign, [])

@@ -11,6 +11,14 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
  - an instance that has never been in step with the cluster (just
    started) proposes its configured route and a fresh token at version 1,
    set only if the store holds none, and otherwise takes what it holds;
+   but when the store holds neither and the instance was in step with
+   this cluster in an earlier run (L{ClusterNode.was_in_step}: a file in
+   C{STATE_DIR}), or instances in step are alive (their heartbeats), the
+   store lost the state: it first waits, up to
+   L{ClusterNode.write_back_grace}, for one of them to write it back,
+   and takes that (cluster trial s40: an instance restarted during a
+   Redis outage reached the emptied store first and served its configured
+   route and a token of its own for a second or two);
  - an instance that has been in step (it knows a version of the route or
    token) and finds in the store a different value at a LOWER version
    than it knows writes back its own (a write one version above both, so
@@ -117,6 +125,9 @@ NAMESAKE_CHECK_SECONDS = 60.0
 #: The first wait before a failed reload is tried again, in seconds (at
 #: most REDIS_TIMEOUT_SECONDS); it doubles up to the node's C{retry_max}.
 RELOAD_RETRY_SECONDS = 1.0
+#: How often (seconds) an instance waiting for the cluster's state to be
+#: written back into an empty store looks again (L{ClusterNode.was_in_step}).
+WRITE_BACK_POLL_SECONDS = 1.0
 
 
 def unavailable(where: str = "") -> str:
@@ -502,6 +513,19 @@ class ClusterNode:
     @param cluster_name: C{CLUSTER_NAME}, and C{database} the store's
         database (C{REDIS_URL}'s), for the warning about instances of the
         same name in other databases.
+    @param on_in_step: called once, the first time this instance is in
+        step with the cluster (up), to record it for the next run
+        (L{openclaw.cluster.membership.Membership.record}).
+    @ivar was_in_step: this instance was in step with this cluster in an
+        earlier run (L{openclaw.cluster.membership.Membership.held}, read
+        at start): should it find the store holding neither route nor
+        token while it has never been in step in this run, the store lost
+        them, and it waits up to L{write_back_grace} for an instance in
+        step to write them back before it proposes its own.
+    @ivar write_back_grace: how long (seconds) that wait lasts at most:
+        a heartbeat interval (the instances in step notice a flush at
+        their next heartbeat), the reconnection backoff's cap (they notice
+        a restart when they reconnect) and two store timeouts.
     """
 
     _log = Logger()
@@ -527,6 +551,7 @@ class ClusterNode:
         clock: ClusterClock | None = None,
         cluster_name: str = "openclaw",
         database: int = 0,
+        on_in_step: Callable[[], object] = lambda: None,
     ) -> None:
         self.store = store
         self.where = where
@@ -548,6 +573,13 @@ class ClusterNode:
         #: (or reload) read them (L{Heartbeat.changes}); None before.
         self._changes: dict[str, int] | None = None
         self._retry_max = max(retry_max, min(timeout, RELOAD_RETRY_SECONDS))
+        self._on_in_step: Callable[[], object] | None = on_in_step
+        self.was_in_step = False
+        self.write_back_grace = HEARTBEAT_INTERVAL_SECONDS + self._retry_max + 2 * timeout
+        #: When (C{reactor.seconds}) this instance, never in step, first
+        #: found the store empty while it waited for a write-back
+        #: (L{_awaits_write_back}); None when it does not wait.
+        self._empty_since: float | None = None
         self.up = False
         self.up_since = reactor.seconds()
         self.down_reason: str | None = "not reached yet"
@@ -728,6 +760,9 @@ class ClusterNode:
                 route=f"{self.route.current.provider_id}/{self.route.current.model}",
                 jti=self.sessions.current.jti,
             )
+            on_in_step, self._on_in_step = self._on_in_step, None
+            if on_in_step is not None:
+                on_in_step()
         else:
             self._log.warn(
                 "cluster store unreachable{why}: serving with the last known route and token; "
@@ -762,6 +797,8 @@ class ClusterNode:
                 self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
             )
             self._heard(heartbeat, sent)
+            if self._awaits_write_back(heartbeat):
+                return
             mine, route = yield self._read_fresh(ROUTE, lambda: self._mine(ROUTE))
             if self._outranks(ROUTE, mine, route):
                 route = yield self._bounded(self._write_back(ROUTE, mine, route))
@@ -841,6 +878,53 @@ class ClusterNode:
         if self._connected:
             self._set_up(True)
             self.beat()
+
+    def _awaits_write_back(self, heartbeat: Heartbeat) -> bool:
+        """
+        Whether this reload stops here, to look again in
+        L{WRITE_BACK_POLL_SECONDS}, rather than propose this instance's
+        route and token: it has never been in step in this run, the store
+        holds neither (C{heartbeat}'s versions are 0), and either it was in
+        step in an earlier run (L{was_in_step}) or instances in step are
+        alive (C{heartbeat.alive}: only those count) — the store lost the
+        cluster's state, which they will write back — and it has waited
+        less than L{write_back_grace} since it first found it so.  Logged
+        when the wait begins and when it ends with nothing written back.
+        """
+        empty = (
+            self._known(ROUTE) is None
+            and self._known(TOKEN) is None
+            and not heartbeat.versions.get(ROUTE)
+            and not heartbeat.versions.get(TOKEN)
+        )
+        if not empty or not (self.was_in_step or heartbeat.alive > 0):
+            self._empty_since = None
+            return False
+        now = self._reactor.seconds()
+        if self._empty_since is None:
+            self._empty_since = now
+            self._log.warn(
+                "the cluster store holds no route and no token, and {why}: it lost the cluster's state (restarted "
+                "empty, flushed or evicted); waiting up to {grace:g} s for an instance in step to write them back "
+                "before proposing this instance's configured route and a new token",
+                why=(
+                    "this instance was in step with the cluster before it started (its record in STATE_DIR)"
+                    if self.was_in_step
+                    else f"{heartbeat.alive} instance(s) in step are alive"
+                ),
+                grace=self.write_back_grace,
+            )
+        elif now - self._empty_since >= self.write_back_grace:
+            self._log.warn(
+                "no instance wrote the cluster's route and token back into its store within {grace:g} s: "
+                "proposing this instance's configured route and a new token (every instance of the cluster "
+                "restarted with the store, or none reaches it)",
+                grace=self.write_back_grace,
+            )
+            return False
+        if self._connected and self._retry is None:
+            self._retry = self._reactor.callLater(WRITE_BACK_POLL_SECONDS, self._retry_reload)
+        return True
 
     @inlineCallbacks
     def _read_fresh(self, name: str, mine: Callable[[], str]) -> Any:

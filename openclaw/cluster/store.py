@@ -238,6 +238,17 @@ class MemoryStore:
         #: How many times L{other_databases} was asked.
         self.namesake_looks = 0
 
+    def flush(self) -> None:
+        """
+        Lose everything, as Redis does at C{FLUSHALL} or restarted empty:
+        the shared values, the instances' heartbeats, the key rests, the
+        failure counts and lockouts, the receipts; the change counters go
+        back to 0.
+        """
+        for held in (self.values, self.alive, self.rests, self.failures, self.locks, self.receipts):
+            held.clear()
+        self.changes = dict.fromkeys(self.changes, 0)
+
     def write(
         self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
     ) -> Deferred[int]:
