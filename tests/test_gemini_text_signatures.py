@@ -89,7 +89,8 @@ class TranslationTests(SynchronousTestCase):
     def test_sent_back(self) -> None:
         """
         An assistant message's signature goes on the last text part of its
-        model turn; a message with no text has no part for it.
+        model turn; a message with no text sends it on an empty text part
+        last, as Gemini 3 may end a call turn (trial s41: it was dropped).
         """
         extra = {"extra_content": {"google": {"thought_signature": SIGNATURE}}}
         for content in ("Hello there.", [{"type": "text", "text": "Hello"}, {"type": "text", "text": " there."}]):
@@ -105,8 +106,20 @@ class TranslationTests(SynchronousTestCase):
         ]
         parts = translate.to_gemini({"messages": history})["contents"][1]["parts"]
         self.assertEqual(
-            parts, [{"functionCall": {"name": "f", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"}]
+            parts,
+            [
+                {"functionCall": {"name": "f", "args": {}}, "thoughtSignature": "skip_thought_signature_validator"},
+                {"text": "", "thoughtSignature": SIGNATURE},
+            ],
         )
+        # Thoughts only (no text, no call): the signed part alone.
+        for content in (None, "", [{"type": "text", "text": ""}]):
+            history = [*QUESTION, {"role": "assistant", "content": content, **extra}, *QUESTION]
+            turns = translate.to_gemini({"messages": history})["contents"]
+            self.assertEqual(turns[1], {"role": "model", "parts": [{"text": "", "thoughtSignature": SIGNATURE}]})
+        # Unsigned, an empty message is no turn.
+        history = [*QUESTION, {"role": "assistant", "content": ""}, *QUESTION]
+        self.assertEqual([turn["role"] for turn in translate.to_gemini({"messages": history})["contents"]], ["user"])
         # Not a string, or empty: none.
         for value in (5, "", None, {"a": 1}):
             bad = {"extra_content": {"google": {"thought_signature": value}}}
@@ -145,6 +158,44 @@ class AgentTests(DataPlaneTestCase):
             self.assertEqual(
                 turn, {"role": "model", "parts": [{"text": "Hello there.", "thoughtSignature": SIGNATURE}]}
             )
+
+    @inlineCallbacks
+    def test_call_turn_round_trip(self) -> Any:
+        """
+        Trial s41: a call turn Gemini ends with a signed empty text part
+        (the call itself unsigned), whole and streamed: the message as the
+        openai SDK read it, sent back with the tool's result, takes the
+        signature back on that part.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+        def loop(stream: bool) -> Any:
+            asked = {"model": MODEL, "messages": QUESTION, "tools": tools}
+            if not stream:
+                first = client.chat.completions.create(**asked).choices[0].message
+            else:
+                with client.chat.completions.stream(**asked) as events:
+                    for _ in events:
+                        pass
+                    first = events.get_final_completion().choices[0].message
+            assert first.tool_calls
+            result = {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "ok"}
+            client.chat.completions.create(model=MODEL, messages=[*QUESTION, first.model_dump(), result], tools=tools)
+            return first
+
+        for stream in (False, True):
+            events = (
+                ({"functionCall": {"name": "f", "args": {"a": "1"}, "id": "q1"}},),
+                ({"text": "", "thoughtSignature": SIGNATURE},),
+            )
+            self.upstream.gemini.answers[:] = [GeminiAnswer(events, finish_reason="STOP")]
+            yield deferToThread(loop, stream)
+            turn = self.upstream.gemini.last_body["contents"][1]
+            self.assertEqual(turn["role"], "model")
+            self.assertEqual(turn["parts"][-1], {"text": "", "thoughtSignature": SIGNATURE}, stream)
+            self.assertEqual(turn["parts"][0]["functionCall"]["id"], "q1")
 
     @inlineCallbacks
     def test_not_sent_to_kimi(self) -> Any:

@@ -1281,7 +1281,7 @@ def gemini_logprobs(parts: Sequence[dict[str, Any]], top: int | None) -> dict[st
 
 def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, model: str) -> None:
     """
-    Refuse what the real API refuses, in its words: empty text, a
+    Refuse what the real API refuses, in its words: empty text unsigned, a
     C{gs://} C{fileUri} (which only Vertex AI reads), a function
     response turn that does not answer the call turn right before it, a
     Gemini 3 model turn whose first call is unsigned, a C{"$ref"} in a
@@ -1303,7 +1303,8 @@ def _check_gemini_request(body: dict[str, Any], behaviour: ProviderBehaviour, mo
         parts = turn.get("parts") or []
         if not parts:
             raise Reject(400, "* GenerateContentRequest.contents.parts: contents.parts must not be empty.")
-        if any(p.get("text") == "" for p in parts):
+        if any(p.get("text") == "" and not p.get("thoughtSignature") for p in parts):
+            # A signed one is Gemini's own, sent back as it came.
             raise Reject(400, "Unable to submit request because it has an empty text parameter.")
         for part in parts:
             uri = (part.get("fileData") or {}).get("fileUri")

@@ -331,8 +331,9 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
             signature = text_signature(message)
             if signature is not None and parts:
                 # On its text's last part, as Gemini answered it (an
-                # assistant's parts are text); none for no text.
+                # assistant's parts are text).
                 parts[-1]["thoughtSignature"] = signature
+                signature = None
             tool_calls = message.get("tool_calls")
             if tool_calls:
                 # Turns alternate: a user turn, if any, is first or second.
@@ -340,6 +341,10 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
                     raise no_turn_before_calls(f"messages[{i - 1}]")
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
                 parts.extend(_function_call(call, calls) for call in tool_calls)
+            if signature is not None:
+                # No text to carry it: the signed empty text part Gemini
+                # answered with, last, as it came (L{text_signature}).
+                parts.append({"text": "", "thoughtSignature": signature})
             _append(contents, "model", parts)
     for turn in contents:
         if turn["role"] == "model":
@@ -477,6 +482,14 @@ def text_signature(message: dict[str, Any]) -> str | None:
     with it; an agent that writes its history itself (not the message as
     it came) leaves it out, and Gemini gets that text unsigned, as before.
     A history written through Google's endpoint reads the same.
+
+    A message with no text (a function call turn, or an answer of thoughts
+    only) sends its signature back as Gemini gave it, on an empty text
+    part last in the model turn: Gemini 3 may end a function call step
+    with one (in a stream: google/adk-go #442), and Google asks for
+    signed parts back as received, never dropped (its thought signatures
+    guide; earendil-works/pi #7362 echoes them: dropped, Gemini Flash
+    ended tool loops early).  Unsigned empty text is never sent.
     """
     return _google_signature(message)
 
