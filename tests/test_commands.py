@@ -261,6 +261,16 @@ class ControlPlaneTests(SynchronousTestCase):
             result = self.command("switch_provider", {"provider": "kimi", "model": model})["result"]
             self.assertEqual(result["model"], "moonshot-v1-32k", model)
 
+    def test_switch_provider_id_in_any_case(self) -> None:
+        """
+        data.provider in any letter case, space around it ignored, as the
+        model's prefix (recheck s41: "KIMI" was an unknown provider).
+        """
+        for given in ("KIMI", " Kimi "):
+            result = self.command("switch_provider", {"provider": given})["result"]
+            self.assertEqual(result["model"], "moonshot-v1-8k", given)
+            self.assertEqual(self.route.current.provider_id, "kimi")
+
     def test_switch_warns_when_key_missing(self) -> None:
         self.providers.kimi_key_missing = True
         result = self.command("switch_provider", {"provider": "kimi"})["result"]
@@ -273,6 +283,7 @@ class ControlPlaneTests(SynchronousTestCase):
             ({}, "needs data.provider"),
             ({"provider": "openai"}, "unknown provider 'openai'"),
             ({"provider": 7}, "unknown provider 7"),
+            ({"provider": " "}, "unknown provider ' '"),
             ({"provider": "kimi", "model": ""}, "non-empty string"),
             ({"provider": "kimi", "model": "  "}, "non-empty string"),
             ({"provider": "kimi", "model": 8}, "non-empty string"),

@@ -646,6 +646,10 @@ class OpenAICodeTests(DataPlaneTestCase):
             # Past 64 bits (orjson reads it as a float): written whole, too large.
             ({"max_tokens": 10**30}, "max_tokens", "integer_above_max_value"),
             ({"seed": -(10**30)}, "seed", "integer_below_min_value"),
+            # Just past: orjson reads it as the float -2**63, the bound
+            # (recheck s41: invalid_type); just past the top, 2**63.
+            ({"seed": -(2**63) - 1}, "seed", "integer_below_min_value"),
+            ({"seed": 2**63}, "seed", "integer_above_max_value"),
             # In range, but written with an exponent: a decimal.
             ({"seed": 1e16}, "seed", "invalid_type"),
             ({"seed": -1e16}, "seed", "invalid_type"),

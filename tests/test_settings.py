@@ -159,6 +159,11 @@ class LoadTests(SynchronousTestCase):
             ("https://example.com/v1beta#key=Pa55w0rdSecret", "leave out ?query and #fragment"),
             ("http://[::1/v1", "it is not a URL"),
             ("ftp://example.com/v1", "use an http:// or https:// URL"),
+            # An IPv6 zone, or a port glued to the bracket: a traceback at
+            # start-up (recheck s41).
+            ("http://[::1%25lo]:8/v1", "has a zone"),
+            ("http://[fe80::1%eth0]/v1", "has a zone"),
+            ("http://[::1]8080/v1", "comes ':' and a port"),
         ):
             self.environ["GEMINI_BASE_URL"] = value
             self.assertConfigError("GEMINI_BASE_URL=", said)
@@ -167,6 +172,9 @@ class LoadTests(SynchronousTestCase):
             self.assertNotIn("Pa55w0rdSecret", str(caught.exception))
         self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
         self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
+        # A scheme in any case (RFC 3986 section 3.1), given in lower case.
+        self.environ["GEMINI_BASE_URL"] = "HTTPS://Example.com/v1beta"
+        self.assertEqual(self.load().providers["gemini"].base_url, "https://Example.com/v1beta")
 
     def test_model_names_bounded(self) -> None:
         self.environ["KIMI_MODEL"] = "m" * 257
@@ -753,7 +761,14 @@ class LoadTests(SynchronousTestCase):
 
     def test_embedding_model(self) -> None:
         self.assertEqual(self.load().embedding_model, "gemini-embedding-001")
-        for given in ("text-embedding-004", "gemini/text-embedding-004", "models/text-embedding-004"):
+        for given in (
+            "text-embedding-004",
+            "gemini/text-embedding-004",
+            "models/text-embedding-004",
+            # The provider's id in any case, as in a request (recheck s41).
+            "GEMINI/text-embedding-004",
+            " Gemini/text-embedding-004 ",
+        ):
             self.assertEqual(self.load({"EMBEDDING_MODEL": given}).embedding_model, "text-embedding-004")
         self.assertEqual(self.load().embedding_provider, "gemini")
         self.assertConfigError(
@@ -765,6 +780,31 @@ class LoadTests(SynchronousTestCase):
             self.assertConfigError(
                 "EMBEDDING_MODEL", f"{given!r}", "names a provider, not a model", EMBEDDING_MODEL=given
             )
+
+    def test_provider_ids_in_any_case(self) -> None:
+        """
+        DEFAULT_PROVIDER and FALLBACK take a provider's id in any case, as
+        a request's model prefix does (recheck s41: KIMI was refused).
+        """
+        settings = self.load({"DEFAULT_PROVIDER": " KIMI ", "FALLBACK": "Gemini, KIMI"})
+        self.assertEqual((settings.default_provider, settings.fallback), ("kimi", ("gemini", "kimi")))
+
+    def test_provider_model_prefix(self) -> None:
+        """
+        A provider's model setting written <provider>/<model>: its own
+        prefix, in any case, is dropped; another provider's is refused in
+        one line (recheck s41: both were sent to the provider as written,
+        every call a 404).
+        """
+        for given in ("kimi/moonshot-v1-32k", "Kimi/moonshot-v1-32k", " KIMI/moonshot-v1-32k"):
+            settings = self.load({"KIMI_MODEL": given, "FALLBACK_MODEL_KIMI": given})
+            self.assertEqual(settings.providers["kimi"].model, "moonshot-v1-32k")
+            self.assertEqual(settings.providers["kimi"].fallback_model, "moonshot-v1-32k")
+        self.assertConfigError("KIMI_MODEL=", "another provider's model (gemini)", KIMI_MODEL="gemini/gemini-2.5-flash")
+        self.assertConfigError("FALLBACK_MODEL_GEMINI=", "(kimi)", FALLBACK_MODEL_GEMINI="KIMI/moonshot-v1-8k")
+        self.assertConfigError("KIMI_MODEL=", KIMI_MODEL="kimi/")
+        # A slash that names no declared provider is part of the name.
+        self.assertEqual(self.load({"KIMI_MODEL": "org/model"}).providers["kimi"].model, "org/model")
 
 
 class AllowlistTests(SynchronousTestCase):

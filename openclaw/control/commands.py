@@ -294,6 +294,9 @@ class ControlCommands:
         provider_id = fields.get("provider")
         if provider_id is None:
             raise CommandError("switch_provider needs data.provider: one of " + ", ".join(self.providers.ids))
+        if isinstance(provider_id, str):
+            # In any case, as a model's provider prefix (ids are lower case).
+            provider_id = provider_id.strip().lower() or provider_id
         if not isinstance(provider_id, str) or provider_id not in self.providers.ids:
             raise CommandError(f"unknown provider {quoted(provider_id)}; use one of " + ", ".join(self.providers.ids))
         provider = self.providers.get(provider_id)

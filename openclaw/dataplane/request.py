@@ -787,16 +787,17 @@ def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
     number at all (or, for an integer, a decimal), else C{<kind>_below_min_value} or
     C{<kind>_above_max_value} (as OpenAI's API answers C{"temperature": 3}).
     """
-    written_whole = type(value) is int or (
-        # An integer past 64 bits, which orjson reads as a float (one in
-        # range was written with a fraction or exponent: a decimal).
-        type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS and not low <= value <= high
-    )
+    # An integer past 64 bits, which orjson reads as a float (one in range
+    # was written with a fraction or exponent: a decimal); a bound is
+    # past too, as -2**63 is: orjson reads -2**63 - 1 as the float -2**63
+    # (recheck s41).
+    beyond = type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS and not low < value < high
+    written_whole = type(value) is int or beyond
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and not written_whole):
         # A decimal number for an integer field is of the wrong type, in
         # range or not (OpenAI: "expected an integer, but got a decimal").
         return INVALID_TYPE
-    return f"{kind}_below_min_value" if value < low else f"{kind}_above_max_value"
+    return f"{kind}_below_min_value" if value < low or (beyond and value <= low) else f"{kind}_above_max_value"
 
 
 def _number(low: float, high: float) -> Callable[[str, Any], None]:

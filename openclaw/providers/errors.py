@@ -15,7 +15,7 @@ from typing import TypeVar
 from urllib.parse import quote
 
 import attrs
-from hyperlink import URL
+from hyperlink import URL, URLParseError
 from service_identity import VerificationError
 from twisted.internet import error as neterror
 from twisted.internet.defer import CancelledError
@@ -559,7 +559,11 @@ def named_addresses(base_url: str) -> tuple[str, ...]:
     also without its brackets (C{::1}, as curl's "Failed to connect to ::1
     port 8000" names it).
     """
-    url = URL.from_text(base_url)
+    try:
+        url = URL.from_text(base_url)
+    except URLParseError:
+        # Refused at start-up (the settings' check of a base URL): none here.
+        return ()
     host = url.host
     if not host:
         return ()

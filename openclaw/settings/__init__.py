@@ -53,7 +53,7 @@ import os
 import secrets
 import socket
 import stat
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -847,7 +847,9 @@ def _read_embedding_model(
         refusal = model_refusal(text.strip(), setting=True)
         if refusal is not None:
             raise InvalidValue(refusal)
-        provider_id, slash, model = text.strip().partition("/")
+        prefix, slash, model = text.strip().partition("/")
+        # A provider's id in any case, as in a request's model.
+        provider_id = prefix.strip().lower()
         if slash and provider_id in ids:
             adapter = providers.get(provider_id)
             if adapter is None:
@@ -886,13 +888,15 @@ def _read_embedding_model(
     return embedding
 
 
-def _read_provider(reader: _Reader, adapter: type[ProviderAdapter]) -> ProviderSettings:
+def _read_provider(reader: _Reader, adapter: type[ProviderAdapter], ids: Sequence[str]) -> ProviderSettings:
     """
     One provider's settings, from the variables its adapter declares: its
     key (the first of C{key_variables} set) and more keys (its
     C{key_list_variable}), one pool without repeats; its base URL (the
     first of C{base_url_variable} and its aliases set), its model and its
-    fallback model.
+    fallback model (L{_provider_model}: written with its own provider's
+    prefix, the prefix is dropped; another declared provider's, C{ids},
+    is refused).
     """
     key = ""
     for variable in adapter.key_variables:
@@ -913,7 +917,7 @@ def _read_provider(reader: _Reader, adapter: type[ProviderAdapter]) -> ProviderS
         base_url=base_url,
         model=reader.read(
             adapter.model_variable,
-            _model_name,
+            _provider_model(adapter.id, ids),
             adapter.default_model_id,
             f"or unset it for the default, {adapter.default_model_id}",
         ),
@@ -921,11 +925,36 @@ def _read_provider(reader: _Reader, adapter: type[ProviderAdapter]) -> ProviderS
         api_keys=pool[1:],
         fallback_model=reader.read(
             adapter.fallback_model_variable(),
-            _model_name,
+            _provider_model(adapter.id, ids),
             None,
             f"or unset it to fail over to {adapter.model_variable}'s model",
         ),
     )
+
+
+def _provider_model(own: str, ids: Sequence[str]) -> Callable[[str], str]:
+    """
+    The parser of provider C{own}'s model settings (C{KIMI_MODEL},
+    C{FALLBACK_MODEL_KIMI}): a model name (L{_model_name}); written
+    C{<provider>/<model>} as a request's model may be, C{own}'s prefix (in
+    any case) is dropped, and another declared provider's is refused (it
+    was sent to the provider as written: every call a 404, recheck s41).
+    """
+
+    def parse(text: str) -> str:
+        model = _model_name(text)
+        prefix, slash, rest = model.partition("/")
+        provider_id = prefix.strip().lower()
+        if slash and provider_id == own:
+            return _model_name(rest)
+        if slash and provider_id in ids:
+            raise InvalidValue(
+                f"it names another provider's model ({provider_id}): give a {own} model here, and set "
+                f"{provider_id}'s own model setting or DEFAULT_PROVIDER={provider_id} for that one"
+            )
+        return model
+
+    return parse
 
 
 def _read_cluster_size(reader: _Reader, secret: bytes, defaults: Settings) -> tuple[str | None, int]:
@@ -1029,6 +1058,8 @@ def _load_settings(
     id_list = " or ".join(", ".join(ids).rsplit(", ", 1))
 
     def provider_id(text: str) -> str:
+        # In any case, as a model's provider prefix is (ids are lower case).
+        text = text.strip().lower()
         if text not in ids:
             raise ValueError
         return text
@@ -1064,7 +1095,7 @@ def _load_settings(
             f"{_NETWORKS_HINT}, such as 127.0.0.1,::1,10.0.0.0/8",
         ),
         default_provider=reader.read("DEFAULT_PROVIDER", provider_id, default_provider, f"use {id_list}"),
-        providers=[_read_provider(reader, adapter) for adapter in declared],
+        providers=[_read_provider(reader, adapter, ids) for adapter in declared],
         token_file=token_file,
         health_check_timeout=reader.read(
             "HEALTH_CHECK_TIMEOUT",

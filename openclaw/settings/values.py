@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography.x509 import load_pem_x509_certificates
+from hyperlink import URL, URLParseError
 
 from openclaw.files import NotARegularFile
 from openclaw.routing import model_refusal
@@ -504,7 +505,8 @@ def _fallback_order(text: str, ids: Sequence[str]) -> tuple[str, ...]:
     @raise ConfigError: one is unknown or given twice; the message names
         the known ids.
     """
-    order = tuple(part.strip() for part in text.split(","))
+    # In any case, as a model's provider prefix is (ids are lower case).
+    order = tuple(part.strip().lower() for part in text.split(","))
     known = ", ".join(ids)
     for provider_id in order:
         if provider_id not in ids:
@@ -546,16 +548,23 @@ def _without_credentials(text: str) -> str:
     return f"{scheme}{separator}{rest}{'?***' if query else ''}{'#***' if fragment else ''}"
 
 
+#: A bracketed IPv6 authority: the address, then nothing or C{:port}.
+_BRACKETED = re.compile(r"\[[^\]]*\](?::[0-9]*)?")
+
+
 def _url(text: str) -> str:
     """
-    A provider's base URL: C{http://} or C{https://}, a host (a name, an
-    IPv4 address, or an IPv6 one in brackets), an optional port, a path;
-    without the final C{/}.
+    A provider's base URL: C{http://} or C{https://} (in any case, given
+    back in lower case: RFC 3986 section 3.1), a host (a name, an IPv4
+    address, or an IPv6 one in brackets, without a zone), an optional
+    port, a path; without the final C{/}.
 
     @raise ValueError: anything else, with what is wrong: a user or
         password (the provider's key has a setting of its own, and a URL
         is echoed in errors), a query or fragment (the gateway appends the
-        API's paths), a port out of range, no host.
+        API's paths), a port out of range, no host, an IPv6 zone (C{%25lo},
+        which treq's URLs refuse), anything after an IPv6 address's C{]}
+        but C{:port}.
     """
     text = text.strip()
     if "@" in text:
@@ -570,13 +579,27 @@ def _url(text: str) -> str:
     except ValueError as e:
         # A bracket left open, a port that is not a number or out of range.
         raise InvalidValue(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
-    if parts.scheme not in ("http", "https") or not text.startswith(f"{parts.scheme}://"):
+    if parts.scheme not in ("http", "https") or text[: len(parts.scheme) + 3].lower() != f"{parts.scheme}://":
         raise ValueError
+    text = f"{parts.scheme}{text[len(parts.scheme) :]}"
     host = parts.hostname
     if not host:
         raise InvalidValue("it names no host")
     if any(c.isspace() or not c.isprintable() for c in host):
         raise InvalidValue("its host holds a space or control character")
+    if parts.netloc.startswith("["):
+        if "%" in host:
+            raise InvalidValue(
+                "its IPv6 address has a zone (%...), which the gateway's HTTP client cannot connect with; "
+                "use a global or loopback address, or a host name"
+            )
+        if not _BRACKETED.fullmatch(parts.netloc):
+            raise InvalidValue("after an IPv6 address's ']' comes ':' and a port, or nothing")
+    try:
+        URL.from_text(text)
+    except URLParseError as e:
+        # What treq's URLs (and the redaction of the address) take.
+        raise InvalidValue(f"its host is not one the gateway's HTTP client takes ({e})") from None
     if port == 0:
         raise InvalidValue("port 0 is not a port to connect to")
     if parts.query or parts.fragment or "?" in text or "#" in text:
