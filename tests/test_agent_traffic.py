@@ -807,7 +807,8 @@ class EmptyArgumentsTests(DataPlaneTestCase):
         """
         gateway = self.gateway()
         call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
-        for content in ("", [{"type": "text", "text": ""}], "Let me check."):
+        mixed = [{"type": "text", "text": ""}, {"type": "text", "text": "Let me check."}]
+        for content in ("", [{"type": "text", "text": ""}], "Let me check.", mixed):
             messages = [
                 *QUESTION,
                 {"role": "assistant", "content": content, "tool_calls": [call]},
@@ -821,6 +822,9 @@ class EmptyArgumentsTests(DataPlaneTestCase):
             sent = self.upstream.kimi.last_body["messages"][1]
             if content == "Let me check.":
                 self.assertEqual(sent["content"], content)
+            elif content is mixed:
+                # Its empty parts left out (recheck s41: Moonshot refused it).
+                self.assertEqual(sent["content"], [{"type": "text", "text": "Let me check."}])
             else:
                 self.assertNotIn("content", sent)
             self.assertEqual(sent["tool_calls"][0]["id"], "c1")
@@ -1357,7 +1361,7 @@ class EmbeddingTests(DataPlaneTestCase):
             response, text = yield self.post(gateway, {"input": "x", "dimensions": dimensions}, path="/v1/embeddings")
             self.assertEqual(response.code, 400, text)
             error = self.assertOpenAIError(text)
-            self.assertEqual(error["param"], "dimensions")
+            self.assertEqual((error["param"], error["code"]), ("dimensions", "integer_above_max_value"))
             self.assertIn("outputDimensionality is a 32-bit integer", error["message"])
         self.assertEqual(self.upstream.gemini.requests, sent)
 
@@ -1459,6 +1463,15 @@ class BadRequestTests(DataPlaneTestCase):
             (
                 {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "a b!"}}},
                 "response_format.json_schema.name",
+            ),
+            # Missing, null, empty or not a string: the name is the field
+            # (recheck s41: the parent was named).
+            *(
+                (
+                    {"messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": spec}},
+                    "response_format.json_schema.name",
+                )
+                for spec in ({}, {"name": None}, {"name": ""}, {"name": 5}, {"schema": {"type": "object"}})
             ),
             (
                 {

@@ -179,7 +179,7 @@ class RulesTests(TestCase):
         """
         for bad in (-0.0, -1e-9, 1e308, MAX_BUDGET_USD + 1, float("nan"), float("inf"), True, "5"):
             error = self.assertRaises(InvalidConsumer, consumer_fields, {"name": "a", "budget_usd": bad})
-            self.assertIn("budget_usd must be a number of US dollars from 0 to 1_000_000_000", str(error))
+            self.assertIn("budget_usd must be a number of US dollars from 0 to 1000000000", str(error))
         for good in (0, 0.000001, MAX_BUDGET_USD):
             consumer = consumer_fields({"name": "a", "budget_usd": good})
             self.assertEqual((consumer.budget_usd, consumer.budget_period), (good, "month"))
@@ -198,7 +198,7 @@ class RulesTests(TestCase):
         for field in ("rpm", "tpm"):
             for bad in (0, -1, MAX_PER_MINUTE + 1, 2**63, 1e23, 1.5, True, "5"):
                 error = self.assertRaises(InvalidConsumer, consumer_fields, {"name": "a", field: bad})
-                self.assertIn(f"{field} must be a whole number from 1 to 1_000_000_000_000, or null", str(error))
+                self.assertIn(f"{field} must be a whole number from 1 to 1000000000000, or null", str(error))
             self.assertEqual(getattr(consumer_fields({"name": "a", field: MAX_PER_MINUTE}), field), MAX_PER_MINUTE)
 
     def test_periods_are_utc(self) -> None:
@@ -2215,7 +2215,7 @@ class ConsumerGatewayTests(GatewayCase):
         for cmd, data, words in (
             ("consumer_create", {"name": "a b"}, "name must be"),
             ("consumer_create", {"name": "a", "rpm": -1}, "rpm must be"),
-            ("consumer_create", {"name": "a", "rpm": 99999999999999999999999}, "from 1 to 1_000_000_000_000"),
+            ("consumer_create", {"name": "a", "rpm": 99999999999999999999999}, "from 1 to 1000000000000"),
             ("consumer_create", {"name": "a", "budget_usd": 1e-320}, "below the smallest budget, 0.000001 US"),
             ("consumer_update", {"name": "nobody"}, "no consumer named"),
             ("key_revoke", {"name": "nobody", "key_prefix": "x"}, "no consumer named"),

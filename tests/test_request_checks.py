@@ -657,6 +657,17 @@ class OpenAICodeTests(DataPlaneTestCase):
             ({"messages": [{"content": "hi"}]}, "messages[0].role", "missing_required_parameter"),
             ({"tool_choice": "sometimes"}, "tool_choice", "invalid_value"),
             ({"response_format": {"type": "yaml"}}, "response_format.type", "invalid_value"),
+            (
+                {"response_format": {"type": "json_schema", "json_schema": {}}},
+                "response_format.json_schema.name",
+                "missing_required_parameter",
+            ),
+            (
+                {"response_format": {"type": "json_schema", "json_schema": {"name": 5}}},
+                "response_format.json_schema.name",
+                "invalid_type",
+            ),
+            ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "missing_required_parameter"),
             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
             ({"logprobs": "yes"}, "logprobs", "invalid_type"),
             ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),

@@ -443,13 +443,14 @@ class LoadTests(SynchronousTestCase):
         (hostile trial s40: MAX_REQUEST_BYTES=1_000 and UPSTREAM_TIMEOUT=6_0
         were taken).
         """
-        for name, written in (
-            ("MAX_REQUEST_BYTES", "1_000_000"),
-            ("UPSTREAM_TIMEOUT", "6_0"),
-            ("SESSION_TTL_HOURS", "2_4"),
-            ("UPSTREAM_TIMEOUT", "\uff16\uff10"),
+        for name, written, why in (
+            ("MAX_REQUEST_BYTES", "1_000_000", "without '_' between digits"),
+            ("UPSTREAM_TIMEOUT", "6_0", "without '_' between digits"),
+            ("SESSION_TTL_HOURS", "2_4", "without '_' between digits"),
+            ("UPSTREAM_TIMEOUT", "\uff16\uff10", "in ASCII digits"),
         ):
-            self.assertConfigError(name, **{name: written})
+            # Saying why (recheck s41: only the setting's usual hint).
+            self.assertConfigError(name, why, **{name: written})
         self.assertEqual(self.load({"UPSTREAM_TIMEOUT": " 60 "}).upstream_timeout, 60.0)
         self.assertEqual(self.load({"MAX_REQUEST_BYTES": "1000000"}).max_request_bytes, 1000000)
 

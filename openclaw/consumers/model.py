@@ -230,7 +230,7 @@ def _optional_positive_int(value: object, field: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int or not 0 < value <= MAX_PER_MINUTE:
-        raise InvalidConsumer(f"{field} must be a whole number from 1 to {MAX_PER_MINUTE:_}, or null for no limit")
+        raise InvalidConsumer(f"{field} must be a whole number from 1 to {MAX_PER_MINUTE}, or null for no limit")
     return value
 
 
@@ -350,7 +350,7 @@ def consumer_changes(data: Mapping[str, Any]) -> dict[str, Any]:
         ):
             # NaN and infinities fail the range; -0 its sign.
             raise InvalidConsumer(
-                f"budget_usd must be a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+                f"budget_usd must be a number of US dollars from 0 to {MAX_BUDGET_USD} (0 lets no call through), "
                 "or null for no budget"
             )
         if budget and budget < MIN_BUDGET_USD:

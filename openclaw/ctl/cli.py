@@ -33,11 +33,12 @@ from openclaw.ctl.request import (
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
 from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, holds_a_token
 from openclaw.settings.permissions import open_to_others
+from openclaw.settings.values import numeral
 
 
 def _positive_seconds(text: str) -> float:
     try:
-        seconds = float(text)
+        seconds = float(numeral(text))
     except ValueError:
         seconds = 0.0
     if not seconds > 0 or seconds == float("inf"):
@@ -233,12 +234,12 @@ def _whole_or_none(text: str) -> Any:
     if text.strip().lower() == CLEAR:
         return CLEARED
     try:
-        value = int(text)
+        value = int(numeral(text))
     except ValueError:
         value = 0
     if not 0 < value <= MAX_PER_MINUTE:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give a whole number from 1 to {MAX_PER_MINUTE:_}, or none to remove the limit"
+            f"{text!r}: give a whole number from 1 to {MAX_PER_MINUTE}, or none to remove the limit"
         )
     return value
 
@@ -247,13 +248,13 @@ def _usd_or_none(text: str) -> Any:
     if text.strip().lower() == CLEAR:
         return CLEARED
     try:
-        value = float(text)
+        value = float(numeral(text))
     except ValueError:
         value = -1.0
     # NaN and infinities fail the range; -0 its sign.
     if not 0 <= value <= MAX_BUDGET_USD or math.copysign(1, value) < 0:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: give a number of US dollars from 0 to {MAX_BUDGET_USD:_} (0 lets no call through), "
+            f"{text!r}: give a number of US dollars from 0 to {MAX_BUDGET_USD} (0 lets no call through), "
             "or none for no budget"
         )
     if value and value < MIN_BUDGET_USD:
@@ -273,7 +274,7 @@ def _consumer_fields(sub: argparse.ArgumentParser) -> None:
         "--budget-usd",
         type=_usd_or_none,
         metavar="USD",
-        help=f"spend allowed per budget period, at most {MAX_BUDGET_USD:_} (0: no call; none: no budget)",
+        help=f"spend allowed per budget period, at most {MAX_BUDGET_USD} (0: no call; none: no budget)",
     )
     sub.add_argument(
         "--budget-period", choices=("day", "month", "total"), help="UTC day, month (the default), or total"

@@ -1170,6 +1170,11 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
                     "object), or leave its type out",
                     param=f"{at}.parameters.type",
                 )
+            if "type" in parameters and kind != "object":
+                # Null or "OBJECT": written as JSON Schema spells it, so
+                # that a provider's validator takes it (recheck s41); the
+                # body is this request's own (parsed for it).
+                parameters["type"] = "object"
             if nests_too_deep(parameters):
                 raise value_too_deep(f"{at}.parameters")
         if "strict" in function and not isinstance(function["strict"], (bool, type(None))):
@@ -1955,14 +1960,24 @@ def _check_response_format(response_format: Any) -> None:
         return
     assert isinstance(response_format, dict)
     spec = response_format.get("json_schema")
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not spec["name"]:
+    if not isinstance(spec, dict):
         raise bad_request(
-            'response_format.json_schema must be {"name": ..., "schema": {...}}', param="response_format.json_schema"
+            'response_format.json_schema must be {"name": ..., "schema": {...}}',
+            param="response_format.json_schema",
+            code=MISSING_REQUIRED_PARAMETER if spec is None else INVALID_TYPE,
         )
-    if not SCHEMA_NAME.fullmatch(spec["name"]):
+    name = spec.get("name")
+    if name is None:
+        raise bad_request(
+            "response_format.json_schema.name is required: 1 to 64 letters, digits, _ or - (OpenAI's rule)",
+            param="response_format.json_schema.name",
+            code=MISSING_REQUIRED_PARAMETER,
+        )
+    if not isinstance(name, str) or not SCHEMA_NAME.fullmatch(name):
         raise bad_request(
             "response_format.json_schema.name must be 1 to 64 letters, digits, _ or - (OpenAI's rule)",
             param="response_format.json_schema.name",
+            code=None if isinstance(name, str) else INVALID_TYPE,
         )
     if spec.get("schema") is not None and not isinstance(spec["schema"], dict):
         raise bad_request(

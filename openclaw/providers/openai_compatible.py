@@ -788,25 +788,35 @@ REASONING_PLACEHOLDER = "(reasoning not kept)"
 
 def _empty_text(content: Any) -> bool:
     """
-    Whether a message's C{content} is empty text: C{""}, or text parts
-    that hold none (C{[{"type": "text", "text": ""}]}: BerriAI/litellm#42186).
+    Whether a message's C{content} is or holds empty text: C{""}, or a
+    text part that holds none (C{[{"type": "text", "text": ""}]}:
+    BerriAI/litellm#42186; beside parts with text too: recheck s41).
     """
     if content == "":
         return True
-    return (
-        isinstance(content, list)
-        and bool(content)
-        and all(isinstance(part, dict) and part.get("type") == "text" and part.get("text") == "" for part in content)
-    )
+    return isinstance(content, list) and any(_empty_part(part) for part in content)
+
+
+def _empty_part(part: Any) -> bool:
+    return isinstance(part, dict) and part.get("type") == "text" and part.get("text") == ""
 
 
 def _without_empty_content(message: Any) -> Any:
+    """
+    C{message}, when an assistant's with tool calls, without its empty
+    text: its empty text parts left out, and C{content} itself when none
+    is left (or it was C{""}).
+    """
     if (
         isinstance(message, dict)
         and _empty_text(message.get("content"))
         and message.get("role") == "assistant"
         and message.get("tool_calls")
     ):
+        content = message["content"]
+        kept = [part for part in content if not _empty_part(part)] if isinstance(content, list) else []
+        if kept:
+            return {**message, "content": kept}
         return {name: value for name, value in message.items() if name != "content"}
     return message
 

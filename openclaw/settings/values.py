@@ -32,7 +32,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _DIGITS = re.compile(r"[0-9]+")
 
 
-def _numeral(text: str) -> str:
+def numeral(text: str) -> str:
     """
     C{text} if it is a number as people write one: ASCII, without the
     C{_} between digits that Python's C{int} and C{float} take
@@ -41,8 +41,10 @@ def _numeral(text: str) -> str:
 
     @raise ValueError: it is not.
     """
-    if not text.isascii() or "_" in text:
-        raise ValueError(text)
+    if not text.isascii():
+        raise InvalidValue("write it in ASCII digits (0-9)")
+    if "_" in text:
+        raise InvalidValue("write it without '_' between digits (1000, not 1_000)")
     return text
 
 
@@ -116,7 +118,7 @@ def _seconds(low: float, above: bool = False, high: float = MAX_DURATION_SECONDS
     """
 
     def parse(text: str) -> float:
-        value = float(_numeral(text))
+        value = float(numeral(text))
         if not (low < value if above else low <= value) or not value <= high:
             raise ValueError
         return value
@@ -141,7 +143,7 @@ def _hours(text: str) -> float:
 
     @raise ValueError: anything else (not a number, NaN, infinite).
     """
-    value = float(_numeral(text))
+    value = float(numeral(text))
     if not MIN_SESSION_TTL_SECONDS / 3600 <= value <= MAX_SESSION_TTL_HOURS:
         raise ValueError
     return value
@@ -206,7 +208,7 @@ def _model_name(text: str) -> str:
 
 
 def _positive_int(text: str) -> int:
-    value = int(_numeral(text))
+    value = int(numeral(text))
     if value <= 0:
         raise ValueError
     return value
@@ -221,7 +223,7 @@ def _whole_number(low: int, high: int) -> Callable[[str], int]:
     """
 
     def parse(text: str) -> int:
-        value = int(_numeral(text))
+        value = int(numeral(text))
         if not low <= value <= high:
             raise ValueError
         return value

@@ -808,6 +808,7 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
                 f"{name} must be from {low} to {INT32_RANGE[1]} on Gemini (its {gemini_name} is a 32-bit "
                 f"integer); send a {name} in that range",
                 param=name,
+                code="integer_below_min_value" if value < INT32_RANGE[0] else "integer_above_max_value",
             )
     sequences = stop_sequences(body)
     if len(sequences) > MAX_STOP_SEQUENCES:
