@@ -971,6 +971,18 @@ class ServingService(MultiService):
     @inlineCallbacks
     def stopService(self) -> Any:
         yield super().stopService()
+        calls = 0 if self.api_site is None else self.api_site.in_flight
+        commands = self._controlplane.in_flight
+        if calls or commands:
+            # What the stop waits for, before it waits (cluster trial s40:
+            # seconds passed without a word).
+            self._log.info(
+                "stopping: waiting up to {seconds:g} s (SHUTDOWN_GRACE_SECONDS) for {calls} API call(s) and "
+                "{commands} command(s) in flight",
+                seconds=self._grace,
+                calls=calls,
+                commands=commands,
+            )
         drains = [self._controlplane.drain()]
         if self.api_site is not None:
             drains.append(self.api_site.drain())

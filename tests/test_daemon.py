@@ -510,6 +510,8 @@ class ShutdownAndLogTests(TestCase):
         self.assertIn(status, (0, -15))
         self.assertIn(b"received SIGTERM while stopping: the gateway is already draining", process.stdout)
         self.assertIn(b"received SIGINT while stopping", process.stdout)
+        # What the stop waits for, said before it waits.
+        self.assertIn(b"waiting up to 10 s (SHUTDOWN_GRACE_SECONDS) for 0 API call(s) and 1 command(s)", process.stdout)
         self.assertNotIn(b"ReactorNotRunning", process.stdout)
         self.assertNotIn(b"without DATABASE_URL", process.stdout)  # no cluster, no warning
         self.assertNotIn(b"Traceback", process.stdout)

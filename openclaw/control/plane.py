@@ -342,6 +342,13 @@ class ControlPlane:
 
         return pending.addBoth(done)
 
+    @property
+    def in_flight(self) -> int:
+        """
+        How many commands are being carried out right now.
+        """
+        return len(self._in_flight)
+
     def drain(self) -> Deferred[Any]:
         """
         Refuse new commands from now on; fire once the ones in flight have

@@ -1967,6 +1967,13 @@ class APISite(Site):
         """
         return self._by_transport.get(transport) if transport is not None else None
 
+    @property
+    def in_flight(self) -> int:
+        """
+        How many API calls are waiting on a provider right now.
+        """
+        return 0 if self.context is None else self.context.in_flight
+
     def drain(self) -> Deferred[None]:
         """
         Fires once no API call is waiting on a provider (at once if none
