@@ -1589,7 +1589,13 @@ class GatewayService(SequentialMultiService):
                 fields["cluster_name_in_other_databases"] = list(cluster.other_databases)
         return fields
 
-    def _adopted(self, token: SessionToken, here: bool, origin: str) -> None:
+    def _adopted(self, token: SessionToken, here: bool, source: str) -> None:
+        """
+        The cluster's token C{token} is this instance's now: announced (the
+        banner, TOKEN_FILE), and, when another instance wrote it (not
+        C{here}), logged with C{source}, who did
+        (L{openclaw.cluster.node.provenance}).
+        """
         if self._waiting_listeners:
             # Announced once listening (L{_synced}): whoever reads the
             # banner can connect at once.
@@ -1598,9 +1604,9 @@ class GatewayService(SequentialMultiService):
             self._announce(token)
         if not here:
             self._log.info(
-                "session token {jti} adopted from the cluster (issued on {origin})",
+                "session token {jti} adopted from the cluster ({source})",
                 jti=token.jti,
-                origin=origin or "an unknown instance",
+                source=source,
             )
 
     def _listen(self, endpoint: IStreamServerEndpoint, factory: IProtocolFactory) -> None:

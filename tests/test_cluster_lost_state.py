@@ -9,6 +9,7 @@ instances.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from openclaw.cluster.node import (
     decode_token,
     encode_route,
     encode_token,
+    provenance,
 )
 from openclaw.cluster.store import Versioned
 from openclaw.files import write_atomically
@@ -308,6 +310,38 @@ class LostState(TestCase):
         for _ in range(11):
             self.clock.advance(1)
         self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
+
+    def test_provenance_kept_through_a_write_back(self) -> None:
+        """
+        The route and token records name who switched and issued them
+        (C{by}), kept when another instance writes them back: the logs say
+        so (cluster trial s40: they named the instance that wrote them
+        back as the one that switched).
+        """
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        self.successResultOf(self.a.rotate(self.a.sessions.mint()))
+        self.a.lost()
+        self.b.lost()
+        self.store.flush()
+        self.b.connected()
+        for name, made in ((ROUTE, "switched on"), (TOKEN, "issued on")):
+            held = self.store.values[name]
+            document = json.loads(held.value)
+            self.assertEqual((held.origin, document["by"]), ("b", "a"), name)
+            self.assertEqual(provenance(document, held, made), f"{made} a, written back by b")
+        events = capture_log_events(self)
+        self.a.connected()
+        c = self.node("c")
+        c.connected()
+        self.successResultOf(self.b.switch(Route("gemini", "g-2")))
+        said = [formatEvent(e) for e in events if "applied the cluster's route gemini/g-2" in formatEvent(e)]
+        self.assertTrue(said and all("switched on b)" in line for line in said), said)
+        # A record of an earlier version (no "by"): its writer, or who
+        # wrote it back.
+        old = Versioned(3, encode_route(GEMINI, 1.0), "x")
+        self.assertEqual(provenance(json.loads(old.value), old, "switched on"), "switched on x")
+        back = Versioned(3, encode_route(GEMINI, 1.0, restored=True), "x")
+        self.assertEqual(provenance(json.loads(back.value), back, "switched on"), "written back by x")
 
     def test_in_step_told_once(self) -> None:
         """

@@ -277,12 +277,14 @@ class _Adoption:
     @ivar at: that version's record's C{at} (L{record_at}).
     @ivar restored: whether that version's record was written back
         (L{is_restored}).
+    @ivar by: that version's record's C{by} (L{record_by}).
     """
 
     flight: InFlight[None]
     version: int
     at: float | None
     restored: bool
+    by: str | None = None
 
 
 def _databases(databases: tuple[int, ...]) -> str:
@@ -306,20 +308,23 @@ def describe(error: object, timeout: float) -> str:
     return str(error) or repr(error)
 
 
-def encode_route(route: Route, at: float | None = None, restored: bool = False) -> str:
+def encode_route(route: Route, at: float | None = None, restored: bool = False, by: str | None = None) -> str:
     """
     The cluster's record of C{route}: a JSON object of C{provider},
     C{model} and, unless C{None}, C{at}, when the route was set (POSIX
     seconds: by a C{switch_provider}, or by the instance that proposed it
     to an empty store), for the same-version tie-break (L{route_rank});
-    and C{"restored": true} when it was written back after the store lost
-    it (L{is_restored}).
+    C{"restored": true} when it was written back after the store lost it
+    (L{is_restored}); and, unless C{None}, C{by}, the instance that set it
+    (kept when another writes it back: L{provenance}).
     """
     document: dict[str, object] = {"provider": route.provider_id, "model": route.model}
     if at is not None:
         document["at"] = at
     if restored:
         document["restored"] = True
+    if by is not None:
+        document["by"] = by
     return json.dumps(document)
 
 
@@ -332,6 +337,35 @@ def is_restored(document: dict[str, Any]) -> bool:
     not written back wins over one that was (the module's rule).
     """
     return document.get("restored") is True
+
+
+def provenance(document: dict[str, Any], versioned: Versioned, made: str) -> str:
+    """
+    Who made the decoded route or token record C{document} (read as
+    C{versioned}), for the log: C{"<made> <instance>"} (C{"switched on
+    vm-1"}), the instance its C{by} names (else the one that wrote it),
+    and, when another instance wrote it back after the store lost the
+    state, C{", written back by <instance>"}: the instance that wrote it
+    back did not switch or issue it (cluster trial s40).
+    """
+    origin = versioned.origin or "an unknown instance"
+    by = record_by(document)
+    if by is None:
+        return f"written back by {origin}" if is_restored(document) else f"{made} {origin}"
+    if by != versioned.origin:
+        return f"{made} {by}, written back by {origin}"
+    return f"{made} {by}"
+
+
+def record_by(document: dict[str, Any]) -> str | None:
+    """
+    The C{by} of a decoded route or token record (L{encode_route},
+    L{encode_token}): the instance that set or issued it; C{None} for a
+    record without one (written by an earlier version) or one that is not
+    a string.
+    """
+    by = document.get("by")
+    return by if isinstance(by, str) else None
 
 
 def record_at(document: dict[str, Any]) -> float | None:
@@ -368,7 +402,7 @@ def route_rank(value: str) -> tuple[float, str, str]:
     return (0.0 if at is None else at, str(document["provider"]), str(document["model"]))
 
 
-def encode_token(token: SessionToken, at: float | None = None, restored: bool = False) -> str:
+def encode_token(token: SessionToken, at: float | None = None, restored: bool = False, by: str | None = None) -> str:
     """
     The cluster's record of C{token}: a JSON object of C{token}, C{jti},
     C{iat} and C{exp} (POSIX seconds, as in the JWT), unless C{None}
@@ -376,8 +410,10 @@ def encode_token(token: SessionToken, at: float | None = None, restored: bool = 
     seconds: written by a C{rotate_token} or a renewal, or first proposed
     to an empty store; the JWT's C{iat} has whole seconds), for the
     same-version tie-break
-    (L{token_rank}); and C{"restored": true} when it was written back after
-    the store lost it (L{is_restored}).
+    (L{token_rank}); C{"restored": true} when it was written back after
+    the store lost it (L{is_restored}); and, unless C{None}, C{by}, the
+    instance that issued it (kept when another writes it back:
+    L{provenance}).
     """
     document: dict[str, object] = {
         "token": token.token,
@@ -389,6 +425,8 @@ def encode_token(token: SessionToken, at: float | None = None, restored: bool = 
         document["at"] = at
     if restored:
         document["restored"] = True
+    if by is not None:
+        document["by"] = by
     return json.dumps(document)
 
 
@@ -603,6 +641,10 @@ class ClusterNode:
         #: written back after a loss (L{is_restored}).
         self._route_restored = False
         self._token_restored = False
+        #: Who set the route and issued the token this instance holds
+        #: (their records' C{by}: L{record_by}).
+        self._route_by: str | None = None
+        self._token_by: str | None = None
         self._connected = False
         #: A failed reload was logged: the next ones are not, until one works.
         self._reload_failing = False
@@ -685,13 +727,20 @@ class ClusterNode:
         meanwhile), the read is stale, and so is what it was compared with.
         """
         if name == ROUTE:
-            return (self.versions.get(ROUTE), self.route.current, self._route_at, self._route_restored)
+            return (
+                self.versions.get(ROUTE),
+                self.route.current,
+                self._route_at,
+                self._route_restored,
+                self._route_by,
+            )
         adopting = tuple(sorted((jti, adoption.version) for jti, adoption in self._adopting.items()))
         return (
             self.versions.get(TOKEN),
             self.sessions.current_or_none,
             self._token_at,
             self._token_restored,
+            self._token_by,
             self._foreign_token,
             adopting,
         )
@@ -813,8 +862,8 @@ class ClusterNode:
                 if current is None:
                     proposal = current = self.sessions.mint() if proposal is None else proposal
                 if TOKEN in self.versions:
-                    return encode_token(current, self._token_at, self._token_restored)
-                return encode_token(current, self._now())
+                    return encode_token(current, self._token_at, self._token_restored, self._token_by)
+                return encode_token(current, self._now(), by=self.instance)
 
             mine, token = yield self._read_fresh(TOKEN, my_token)
             if self._outranks(TOKEN, mine, token):
@@ -966,8 +1015,8 @@ class ClusterNode:
         cluster's record says, or now if it has never been in step.
         """
         if ROUTE not in self.versions:
-            return encode_route(self.route.current, self._now())
-        return encode_route(self.route.current, self._route_at, self._route_restored)
+            return encode_route(self.route.current, self._now(), by=self.instance)
+        return encode_route(self.route.current, self._route_at, self._route_restored, self._route_by)
 
     def _now(self) -> float:
         """
@@ -1121,7 +1170,7 @@ class ClusterNode:
             fresh=fresh.jti,
         )
         replaced: Deferred[Versioned] = self.store.replace(
-            TOKEN, expired.jti, encode_token(fresh, self._now()), self.instance, known
+            TOKEN, expired.jti, encode_token(fresh, self._now(), by=self.instance), self.instance, known
         )
         return replaced
 
@@ -1336,6 +1385,7 @@ class ClusterNode:
             raise ValueError(f"its {refusal}")
         self._route_at = record_at(document)
         self._route_restored = is_restored(document)
+        self._route_by = record_by(document)
         first = ROUTE not in self.versions
         self.versions[ROUTE] = versioned.version
         previous = self.route.switch(route)
@@ -1351,11 +1401,11 @@ class ClusterNode:
             )
         elif previous != route and not here:
             self._log.info(
-                "applied the cluster's route {route} (version {version}, switched on {origin}); was {previous}",
+                "applied the cluster's route {route} (version {version}, {source}); was {previous}",
                 route=f"{route.provider_id}/{route.model}",
                 previous=f"{previous.provider_id}/{previous.model}",
                 version=versioned.version,
-                origin=versioned.origin or "an unknown instance",
+                source=provenance(document, versioned, "switched on"),
             )
 
     def _apply_token(self, document: dict[str, Any], versioned: Versioned, here: bool) -> Deferred[None]:
@@ -1388,6 +1438,7 @@ class ClusterNode:
             self.versions[TOKEN] = versioned.version
             self._token_restored = is_restored(document)
             self._token_at = at
+            self._token_by = record_by(document)
             return succeed(None)
         try:
             self.sessions.check(token)
@@ -1399,6 +1450,7 @@ class ClusterNode:
             self.versions[TOKEN] = versioned.version
             self._token_restored = is_restored(document)
             self._token_at = at
+            self._token_by = record_by(document)
             return succeed(None)
         adoption = self._adopting.get(token.jti)
         if adoption is not None:
@@ -1406,8 +1458,11 @@ class ClusterNode:
                 # The same token written back (one version above): the
                 # version recorded once adopted.
                 adoption.version, adoption.at, adoption.restored = versioned.version, at, is_restored(document)
+                adoption.by = record_by(document)
             return adoption.flight.observe()
-        adoption = self._adopting[token.jti] = _Adoption(InFlight(), versioned.version, at, is_restored(document))
+        adoption = self._adopting[token.jti] = _Adoption(
+            InFlight(), versioned.version, at, is_restored(document), record_by(document)
+        )
 
         def adopted(_: object) -> None:
             # Not recorded below a version recorded meanwhile: the reload
@@ -1415,8 +1470,9 @@ class ClusterNode:
             self.versions[TOKEN] = max(adoption.version, self.versions.get(TOKEN, 0))
             self._token_restored = adoption.restored
             self._token_at = adoption.at
+            self._token_by = adoption.by
             self._schedule_renewal(token)
-            self._on_token(token, here, versioned.origin)
+            self._on_token(token, here, provenance(document, versioned, "issued on"))
 
         def settled(result: object) -> None:
             # Not recorded on failure: a later message, reload or
@@ -1482,7 +1538,7 @@ class ClusterNode:
             could not say whether it was written.
         """
         previous = self.route.current
-        return self._write(ROUTE, encode_route(route, self._now())).addCallback(lambda _: previous)
+        return self._write(ROUTE, encode_route(route, self._now(), by=self.instance)).addCallback(lambda _: previous)
 
     def fence(self) -> Deferred[None]:
         """
@@ -1513,7 +1569,7 @@ class ClusterNode:
             the other instances), but its TOKEN_FILE here could not be
             written: this instance keeps the previous token until it can.
         """
-        return self._write(TOKEN, encode_token(token, self._now())).addCallback(lambda _: token)
+        return self._write(TOKEN, encode_token(token, self._now(), by=self.instance)).addCallback(lambda _: token)
 
     def _write(self, name: str, value: str) -> Deferred[None]:
         """
