@@ -73,7 +73,7 @@ class LostState(TestCase):
         for node in (self.a, self.b):
             node.connected()
 
-    def node(self, name: str, route: Route = GEMINI, secret: bytes = SECRET) -> ClusterNode:
+    def node(self, name: str, route: Route = GEMINI, secret: bytes = SECRET, **callbacks: Any) -> ClusterNode:
         node = ClusterNode(
             self.store,
             ActiveRoute(route),
@@ -82,6 +82,7 @@ class LostState(TestCase):
             self.clock,
             1.0,
             ("gemini", "kimi"),
+            **callbacks,
         )
         self.store.listeners.append(node.received)
         return node
@@ -349,16 +350,7 @@ class LostState(TestCase):
         (after an outage, say): the record is written once a run.
         """
         told: list[None] = []
-        node = ClusterNode(
-            self.store,
-            ActiveRoute(GEMINI),
-            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
-            "c",
-            self.clock,
-            1.0,
-            ("gemini", "kimi"),
-            on_in_step=lambda: told.append(None),
-        )
+        node = self.node("c", on_in_step=lambda: told.append(None))
         self.assertEqual(told, [])
         node.connected()
         self.assertEqual(told, [None])
@@ -393,17 +385,7 @@ class LostState(TestCase):
         C{on_lost} (the consumers' windows went with it), once.
         """
         told: list[None] = []
-        node = ClusterNode(
-            self.store,
-            ActiveRoute(GEMINI),
-            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
-            "c",
-            self.clock,
-            1.0,
-            ("gemini", "kimi"),
-            on_lost=lambda: told.append(None),
-        )
-        self.store.listeners.append(node.received)
+        node = self.node("c", on_lost=lambda: told.append(None))
         node.connected()
         node.start()
         self.addCleanup(node.stop)
