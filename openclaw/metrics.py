@@ -61,7 +61,9 @@ AUTH_REASONS = ("missing token", "invalid token", "token expired", "token revoke
 #: C{bad_handshake} (Autobahn's own refusal), C{tls_error}.  Opened only
 #: to be closed with 1008: C{untrusted_peer}, C{proxy_client_unreadable},
 #: C{proxy_named_no_client}, C{locked_out}.  Closed for not
-#: authenticating in time: C{auth_timeout}.
+#: authenticating in time: C{auth_timeout}; for what it sent before it
+#: authenticated: C{too_much_before_auth} (1008), C{protocol_error}
+#: (Autobahn's 1002, 1003, 1007 or 1009).
 ControlRefusal = Literal[
     "too_many_handshakes",
     "reserved_for_operators",
@@ -79,6 +81,8 @@ ControlRefusal = Literal[
     "proxy_named_no_client",
     "locked_out",
     "auth_timeout",
+    "too_much_before_auth",
+    "protocol_error",
 ]
 CONTROL_REFUSALS: tuple[ControlRefusal, ...] = get_args(ControlRefusal)
 #: Why an API connection was closed as it opened, or to make room: the

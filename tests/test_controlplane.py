@@ -13,16 +13,18 @@ import os
 import socket
 import struct
 import time
+from typing import Any
 
 import jwt
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNAUTHENTICATED_BYTES_REASON, UNHEARD_CLOSE_SECONDS
-from tests.support import SECRET, RunningGateway, connect, open_client, start_gateway
+from tests.support import SECRET, RunningGateway, capture_log_events, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
 LOOPBACK_ONLY = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128"))
@@ -473,12 +475,16 @@ class UnheardCloseTests(TestCase):
         frames are answered, however many end with an empty frame (review
         s25: counted per connection, the 1025th was closed).
         """
+        events = capture_log_events(self)
         gateway = start_gateway(self)
         limit = gateway.service.factory.unauthenticated_bytes
         fragments = frame(0x1, b"{", fin=False) + frame(0x0, b"", fin=False) * (limit // 6 + 10)
         close, sent, seconds = yield deferToThread(flood_after_close, gateway.port, "127.0.0.1", fragments)
         self.assertEqual(close, struct.pack("!H", 1008) + UNAUTHENTICATED_BYTES_REASON.encode())
         self.assert_unheard(sent, seconds)
+        # Logged and counted, as a refused connection (hostile trial s40:
+        # neither).
+        self.assert_refused(gateway, events, "too_much_before_auth")
         message = json.dumps({"token": gateway.token, "cmd": "ping"}).encode()
 
         def in_three_frames(count: int) -> list[tuple[int, bytes]]:
@@ -505,6 +511,30 @@ class UnheardCloseTests(TestCase):
         frames = yield deferToThread(in_three_frames, count)
         self.assertEqual([opcode for opcode, _ in frames], [0x1] * count)
         self.assertTrue(all(json.loads(payload)["ok"] for _, payload in frames))
+
+    def assert_refused(self, gateway: Any, events: list[dict[str, Any]], reason: str) -> None:
+        (closed,) = [event for event in events if event.get("reason") == reason]
+        self.assertTrue(closed["peer"].startswith("127.0.0.1:"))
+        self.assertEqual(closed["outcome"], "closed")
+        registry = gateway.service.metrics.registry
+        sample = registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": reason})
+        self.assertEqual(sample, 1.0)
+
+    @inlineCallbacks
+    def test_protocol_error_before_auth_logged(self):
+        """
+        A message too big (1009) or bad UTF-8 (1007) before authenticating:
+        Autobahn's close, logged and counted as a refused connection
+        (hostile trial s40: neither); one after authenticating is not.
+        """
+        events = capture_log_events(self)
+        gateway = start_gateway(self)
+        too_big = frame(0x1, b"x" * (gateway.service.settings.max_message_bytes + 1))
+        close, _, _ = yield deferToThread(flood_after_close, gateway.port, "127.0.0.1", too_big, 0.5)
+        self.assertEqual(close[:2], struct.pack("!H", 1009))
+        self.assert_refused(gateway, events, "protocol_error")
+        said = [formatEvent(e) for e in events if e.get("reason") == "protocol_error"]
+        self.assertIn("before it authenticated: 1009", said[0])
 
     @inlineCallbacks
     def test_guesser_flood_after_1008_is_not_read(self):

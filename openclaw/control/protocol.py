@@ -66,6 +66,10 @@ UNHEARD_CLOSE_SECONDS = 1.0
 #: The reason of the 1008 closing a connection that sent more than
 #: L{ControlFactory.unauthenticated_bytes} before authenticating.
 UNAUTHENTICATED_BYTES_REASON = "sent too much before authenticating: authenticate with the first message"
+#: The close codes Autobahn sends for what a peer sent (RFC 6455 section
+#: 7.4.1): a protocol error, a type it cannot take, bad UTF-8, a message
+#: too big.
+PROTOCOL_CLOSE_CODES = frozenset({1002, 1003, 1007, 1009})
 
 _Refusal = TypeVar("_Refusal", bound=ConnectionDeny | str | None)
 
@@ -203,6 +207,9 @@ class ControlProtocol(WebSocketServerProtocol):
     #: Bytes received since the opening handshake, until authenticated
     #: (L{ControlFactory.unauthenticated_bytes}).
     unauthenticated_bytes = 0
+    #: Whether this connection was closed before it authenticated for what
+    #: it sent, and that said (L{_refused_before_auth}).
+    refused_before_auth = False
     #: Whether this handshake's outcome is accounted for: L{onConnect}
     #: judged it (and counted any refusal), or a refusal before it was
     #: counted (L{head_too_large}, L{onOpenHandshakeTimeout}, Autobahn's
@@ -235,12 +242,24 @@ class ControlProtocol(WebSocketServerProtocol):
             # reactor each frame until AUTH_TIMEOUT_SECONDS (trial s25).
             self.unauthenticated_bytes += len(data)
             if self.unauthenticated_bytes > self.factory.unauthenticated_bytes:
+                self._refused_before_auth("too_much_before_auth", POLICY_VIOLATION, UNAUTHENTICATED_BYTES_REASON)
                 self.close_unheard(POLICY_VIOLATION, UNAUTHENTICATED_BYTES_REASON)
                 return
         WebSocketServerProtocol.dataReceived(self, data)
         # Autobahn's close frame for what it read (a protocol error, a
         # message too big, bad UTF-8) is sent here.
         if self.state in _ENDING:
+            code = self.localCloseCode
+            if (
+                code is not None
+                and code in PROTOCOL_CLOSE_CODES
+                and self.closedByMe
+                and not self.authenticated
+                and self.connection is not None
+            ):
+                # Before authenticating: a refused connection, said and
+                # counted (hostile trial s40: neither).
+                self._refused_before_auth("protocol_error", code, self.localCloseReason or "")
             self.await_close_answer()
 
     def await_close_answer(self) -> None:
@@ -433,6 +452,30 @@ class ControlProtocol(WebSocketServerProtocol):
                 **fields,
             )
             self.close_unheard(POLICY_VIOLATION, "too many failed authentications")
+
+    def _refused_before_auth(self, reason: ControlRefusal, code: int, said: str) -> None:
+        """
+        Log (warn) and count (C{reason}) a connection closed before it
+        authenticated for what it sent (C{code} and C{said}, the close
+        frame's), once per connection.
+        """
+        if self.refused_before_auth:
+            return
+        self.refused_before_auth = True
+        factory = self.factory
+        if factory.metrics is not None:
+            factory.metrics.refused_connection(reason)
+        connection = self.connection
+        who, fields = from_peer(connection.proxy if connection is not None else None)
+        factory.events.warn(
+            "closing control connection " + who + " before it authenticated: {code} {said} (reason={reason})",
+            peer=connection.peer if connection is not None else "?",
+            code=code,
+            said=said[:HANDSHAKE_DETAIL_MAX],
+            outcome="closed",
+            reason=reason,
+            **fields,
+        )
 
     def _auth_timed_out(self) -> None:
         self.auth_deadline = None
