@@ -22,7 +22,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import LogLevel
+from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.listeners import DescriptorShares, share_descriptors
@@ -165,6 +165,7 @@ class ConnectionCapTests(TestCase):
         once, while another address still gets in.  (The default share is
         a quarter of API_MAX_CONNECTIONS.)
         """
+        events = capture_log_events(self)
         gateway = start_gateway(
             self, api=True, gateway_api_keys=(KEY,), api_max_connections=8, api_keyless_connections_per_address=2
         )
@@ -181,6 +182,11 @@ class ConnectionCapTests(TestCase):
         )
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer[:100])
         self.assertEqual(gateway.service.api_site.context.refused_connections, {"api_max_connections_per_address": 1})
+        # The line names the address, the value and what to do (hostile
+        # trial s40: none of them).
+        (said,) = [formatEvent(e) for e in events if "API connection from" in formatEvent(e)]
+        self.assertIn("from 127.0.0.2 refused: API_MAX_CONNECTIONS_PER_ADDRESS (2) reached", said)
+        self.assertIn("raise API_MAX_CONNECTIONS_PER_ADDRESS", said)
 
 
 def trickle(port: int, parts: list[bytes], gap: float, source: str = "127.0.0.1") -> tuple[bytes, float]:

@@ -392,6 +392,19 @@ class APILimitsTests(SynchronousTestCase):
         self.assertEqual(
             (capped.max_connections, capped.max_connections_per_address, capped.keyless_per_address), (160, 40, 10)
         )
+        # Which limits the cap lowered: their refusals say to raise the
+        # open-file limit, not the setting (hostile trial s40).
+        self.assertEqual(
+            capped.lowered,
+            {
+                "api_max_connections",
+                "api_max_connections_per_address",
+                "api_keyless_connections_per_address",
+                "api_keyless_share",
+            },
+        )
+        self.assertEqual(APILimits.from_settings(settings).lowered, frozenset())
+        self.assertEqual(APILimits.from_settings(settings, descriptors=5000).lowered, frozenset())
 
     def test_set_caps_within_the_caps_above(self) -> None:
         settings = Settings(

@@ -314,22 +314,38 @@ class APIContext:
             metrics_apart=metrics_apart,
         )
 
-    def connection_refused(self, reason: APIRefusal) -> None:
+    def connection_refused(
+        self, reason: APIRefusal, value: int | None = None, address: str | None = None, lowered: bool = False
+    ) -> None:
         """
-        A connection was closed at once, or to make room, for C{reason}
-        (the limit it hit): counted, and logged at warn at most once a
-        minute (a flood would otherwise flood the log).
+        A connection (from C{address}, an IP address; None: unknown) was
+        closed at once, or to make room, for C{reason} (the limit it hit,
+        of C{value}; C{lowered}: the descriptor cap lowered it below the
+        setting): counted, and logged at warn at most once a minute (a
+        flood would otherwise flood the log), with what to do.
         """
         self.refused_connections[reason] = self.refused_connections.get(reason, 0) + 1
         self.count_refused_connection(reason)
         now = self.reactor.seconds()
         if self._refusal_warned_at is None or now - self._refusal_warned_at >= 60:
             self._refusal_warned_at = now
+            if lowered:
+                fix = (
+                    "; the open-file limit (RLIMIT_NOFILE) lowered it to that: raise LimitNOFILE (systemd) or "
+                    "ulimit -n, not the setting"
+                )
+            elif reason == "api_keyless_share":
+                fix = "; clients must send their key in their first request"
+            else:
+                fix = f"; raise {_REFUSAL_LIMITS[reason]} if these clients are expected"
             self.log.warn(
-                "API connection refused: {limit} reached ({refused} refused so far)",
+                "API connection from {address} refused: {limit}{value} reached ({refused} refused so far){fix}",
                 limit=_REFUSAL_LIMITS[reason],
+                value="" if value is None else f" ({value})",
+                address=address or "an unknown address",
                 reason=reason,
                 refused=sum(self.refused_connections.values()),
+                fix=fix,
             )
 
     def refused_early(

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, cast, get_args
 from urllib.parse import urlsplit
 
 import attrs
@@ -1674,6 +1674,22 @@ class APILimits:
     linger_bytes: int = LINGER_MIN_BYTES
     #: Offer HTTP/2 on a TLS listener (C{API_HTTP2}).
     http2: bool = True
+    #: The refusal reasons whose limit the descriptor cap lowered below
+    #: what the settings alone give (L{from_settings}): raising the
+    #: setting would not raise it; raising C{RLIMIT_NOFILE} would.
+    lowered: frozenset[APIRefusal] = frozenset()
+
+    def limit(self, reason: APIRefusal) -> int:
+        """
+        The value of the limit whose refusals are counted as C{reason}.
+        """
+        if reason == "api_max_connections":
+            return self.max_connections
+        if reason == "api_max_connections_per_address":
+            return self.max_connections_per_address
+        if reason == "api_keyless_connections_per_address":
+            return self.keyless_per_address
+        return max(self.keyless_per_address, self.max_connections // 2)
 
     @classmethod
     def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
@@ -1696,7 +1712,7 @@ class APILimits:
         keyless = settings.api_keyless_connections_per_address
         if keyless is None:
             keyless = max(1, max_connections // 16)
-        return cls(
+        limits = cls(
             max_request_bytes=settings.max_request_bytes,
             max_connections=max_connections,
             max_connections_per_address=per_address,
@@ -1709,6 +1725,11 @@ class APILimits:
             linger_bytes=max(LINGER_MIN_BYTES, 2 * settings.max_request_bytes),
             http2=settings.api_http2,
         )
+        if descriptors is None or descriptors >= settings.api_max_connections:
+            return limits
+        uncapped = cls.from_settings(settings)
+        lowered = frozenset(reason for reason in get_args(APIRefusal) if limits.limit(reason) < uncapped.limit(reason))
+        return attrs.evolve(limits, lowered=lowered)
 
 
 class APISite(Site):
@@ -1772,12 +1793,12 @@ class APISite(Site):
         """
         address = client_address(addr)
         if self.slots_held(address) >= self.limits.max_connections_per_address:
-            self._refused("api_max_connections_per_address")
+            self._refused("api_max_connections_per_address", address)
             return RefusedConnection()
         # HTTP/2 streams in flight hold slots as connections do.
         if len(self.connections) + self.http2_streams >= self.limits.max_connections:
             if not self._keyless_order:
-                self._refused("api_max_connections")
+                self._refused("api_max_connections", address)
                 return RefusedConnection()
             # Room for the newcomer: the oldest keyless one goes.
             self._evict(next(iter(self._keyless_order)), "api_max_connections")
@@ -1802,10 +1823,10 @@ class APISite(Site):
         address = client_address(request.getClientAddress())
         if len(self.connections) + self.http2_streams >= limits.max_connections:
             setting = "API_MAX_CONNECTIONS"
-            self._refused("api_max_connections")
+            self._refused("api_max_connections", address)
         elif self.slots_held(address) >= limits.max_connections_per_address:
             setting = "API_MAX_CONNECTIONS_PER_ADDRESS"
-            self._refused("api_max_connections_per_address")
+            self._refused("api_max_connections_per_address", address)
         else:
             self.http2_streams += 1
             self.streams_per_address.take(address)
@@ -1854,7 +1875,7 @@ class APISite(Site):
         if self.keyless.held(address) >= self.limits.keyless_per_address:
             connection.counted_keyless = False
             connection.abort()
-            self._refused("api_keyless_connections_per_address")
+            self._refused("api_keyless_connections_per_address", address)
             return
         if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
             self._evict(next(iter(self._keyless_order)), "api_keyless_share")
@@ -1869,11 +1890,17 @@ class APISite(Site):
         oldest.counted_keyless = False
         oldest.keyless = False
         oldest.abort()
-        self._refused(reason)
+        self._refused(reason, oldest.address)
 
-    def _refused(self, reason: APIRefusal) -> None:
+    def _refused(self, reason: APIRefusal, address: str | None) -> None:
+        """
+        A connection from C{address} was refused (or closed to make room)
+        for C{reason}: told to the context, with the limit's value and
+        whether the descriptor cap lowered it (L{APILimits.lowered}).
+        """
         if self.context is not None:
-            self.context.connection_refused(reason)
+            limits = self.limits
+            self.context.connection_refused(reason, limits.limit(reason), address, reason in limits.lowered)
 
     def http2_flooded(self, connection: APIConnection) -> None:
         """
