@@ -982,6 +982,21 @@ class FileSafetyTests(SynchronousTestCase):
         (warning,) = settings.warnings
         self.assertIn("DEFAULT_PROVIDER is set on lines 1, 4: only the last counts; keep one", warning)
 
+    def test_not_utf8(self) -> None:
+        """
+        An env file saved in Latin-1: one line naming the line and how to
+        fix it, never the bytes around it (hostile trial s40: Python's
+        codec error alone).
+        """
+        env_file = self.cwd / "gw.env"
+        env_file.write_bytes(b"LOG_LEVEL=info\nJWT_SECRET=caf\xe9-0123456789abcdef0123456789abcdef\n")
+        env_file.chmod(0o600)
+        with self.assertRaises(ConfigError) as caught:
+            self.load(env_file=str(env_file))
+        message = str(caught.exception)
+        self.assertIn("line 2 is not UTF-8 (byte 0xe9); save the file as UTF-8", message)
+        self.assertNotIn("0123456789abcdef", message)
+
     def test_byte_order_mark(self) -> None:
         """
         An env file that starts with a UTF-8 byte-order mark (as some

@@ -632,7 +632,14 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
         # utf-8-sig: a byte-order mark some editors write first is no part
         # of the first name (it made GATEWAY_API_KEYS an unknown setting).
         return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING), EnvFile(path, what)
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
+        # Which line, never the bytes (a secret's may be among them).
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            f"cannot read env file {str(path)!r}: line {line} is not UTF-8 (byte {e.object[e.start]:#04x}); save "
+            "the file as UTF-8 (iconv -f latin1 -t utf-8, or your editor's encoding setting)"
+        ) from None
+    except OSError as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
 
 
