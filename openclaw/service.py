@@ -25,7 +25,13 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.defer import TimeoutError as DeferredTimeoutError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorTime, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IListeningPort,
+    IProtocolFactory,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
 from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
@@ -1128,6 +1134,9 @@ class GatewayService(SequentialMultiService):
         self._stopping_at = 0.0
         #: A rotation (L{rotate_token}) is under way: asked, not answered.
         self._rotating = False
+        #: A single gateway's warning at its token's expiry
+        #: (L{_watch_expiry}), while one waits.
+        self._expiry: IDelayedCall | None = None
         self._consumers_service = self._build_consumers_service()
         self._consumers_service.setServiceParent(self)
         self._build_control_plane(shared_clock)
@@ -1781,6 +1790,7 @@ class GatewayService(SequentialMultiService):
         else:
             assert issued is not None
             self._announce(issued)
+            self._watch_expiry(issued)
         # The locks' holder (HeldLocks: STATE_DIR's lock names this
         # process), the cluster's membership (ClusterService), the
         # consumers (ConsumersService), then the listeners
@@ -1993,7 +2003,35 @@ class GatewayService(SequentialMultiService):
         if announce:
             self._announce(issued)
         self._log.info("session token rotated; new token id {jti}", jti=issued.jti)
+        if self.cluster is None:
+            self._watch_expiry(issued)
         return issued
+
+    def _watch_expiry(self, issued: SessionToken) -> None:
+        """
+        A single gateway (no cluster, which renews its token): warn when
+        C{issued}, the token in force, expires, as the control plane then
+        takes no command until a restart (or, set forward, when the host's
+        clock is: hostile trial s40, where the control plane shut without
+        a word).  Replaces the watch of the token before.
+        """
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        delay = max(0.0, issued.expires_at - self._reactor.seconds())
+        self._expiry = self._reactor.callLater(delay, self._token_expired, issued)
+
+    def _token_expired(self, issued: SessionToken) -> None:
+        self._expiry = None
+        current = self.sessions.current_or_none
+        if current is None or current.jti != issued.jti:
+            return
+        self._log.warn(
+            "session token {jti} expired at {expires}: the control plane takes no command until the gateway is "
+            "restarted (a single gateway renews nothing); keep it open with rotate_token before the token expires "
+            "(openclawctl --token-file ... rotate-token from a timer), or a longer SESSION_TTL_HOURS",
+            jti=issued.jti,
+            expires=issued.expires,
+        )
 
     def _announce(self, issued: SessionToken) -> None:
         """
@@ -2047,6 +2085,9 @@ class GatewayService(SequentialMultiService):
         # answered what was not saved), none taken after; the one under
         # way is waited for, last (HeldLocks).
         self.writer.close()
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
         if self._waiting_for_store is not None:
             self._waiting_for_store.stop()
             self._waiting_for_store = None

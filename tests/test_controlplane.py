@@ -547,3 +547,29 @@ class UnheardCloseTests(TestCase):
         )
         self.assertEqual(close, struct.pack("!H", 1008) + b"too many failed authentications")
         self.assert_unheard(sent, seconds)
+
+
+class SingleGatewayTokenExpiry(TestCase):
+    """
+    A single gateway renews nothing: when its token expires, its control
+    plane takes no command until a restart, and it says so then (hostile
+    trial s40: a clock stepped forward past the expiry shut it without a
+    word).
+    """
+
+    @inlineCallbacks
+    def test_said_once_for_the_token_in_force(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(self, session_ttl_hours=2 / 3600)
+        first = gateway.token
+        client = yield open_client(self, gateway.port)
+        rotated = yield client.ask(first, "rotate_token")
+        self.assertTrue(rotated["ok"], rotated)
+        token = rotated["result"]["token"]
+        yield deferLater(reactor, 3.5, lambda: None)
+        said = [formatEvent(e) for e in events if "expired at" in formatEvent(e)]
+        self.assertEqual(len(said), 1, said)
+        self.assertIn(rotated["result"]["jti"], said[0])
+        self.assertIn("rotate_token before the token expires", said[0])
+        answer = yield client.ask(token, "ping")
+        self.assertEqual(answer["error"], "token expired")
