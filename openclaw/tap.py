@@ -237,6 +237,8 @@ def makeService(
                 providers=BUILTIN_PROVIDERS,
                 daemon=not foreground(twistd_options),
             )
+            if os.geteuid() == 0:
+                settings = attrs.evolve(settings, warnings=(*settings.warnings, RUNS_AS_ROOT))
         # Every check that needs nothing on disk comes first: a refusal
         # leaves no lock, database or log behind (L{_make_files}).
         _check_token_file(settings)
@@ -499,6 +501,14 @@ def _supervisor(
         worker_sockets=make_socket_directory(settings.workers),
     )
     return supervisor
+
+
+#: The warning of a gateway started as root (operator trial s41: none).
+RUNS_AS_ROOT = (
+    "the gateway runs as root: anything that takes it over (a flaw in it or in a library it uses) takes the host; "
+    "run it as a user of its own (systemd's User=, as contrib/openclaw.service does, or runuser -u openclaw -- "
+    "twistd ...; README: Running as a daemon)"
+)
 
 
 def _say_warnings(settings: Settings, twistd_options: Mapping[str, Any]) -> None:
