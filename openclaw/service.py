@@ -1464,8 +1464,11 @@ class GatewayService(SequentialMultiService):
         #: This instance's record, in STATE_DIR, that it was in step with
         #: the cluster (read at start: L{_restore_route}).
         self.membership = Membership.in_directory(
-            settings.state_dir, settings.cluster_name, masked_url(settings.redis_url), self.writer
+            settings.state_dir, settings.cluster_name, settings.redis_url, self.writer
         )
+        #: The route the record in STATE_DIR names, once written (None:
+        #: not written in this run).
+        self._recorded_route: Route | None = None
         self.cluster = cluster = ClusterNode(
             self._redis,
             self.route,
@@ -1486,7 +1489,8 @@ class GatewayService(SequentialMultiService):
             clock=self.cluster_clock,
             cluster_name=settings.cluster_name,
             database=redis_database(settings.redis_url) or 0,
-            on_in_step=self.membership.record,
+            on_in_step=self._record_membership,
+            on_route=lambda route: self._record_membership(),
         )
         self.lockout = SharedLockout(
             # Monotonic, as the standalone one (ControlFactory's): the
@@ -1679,7 +1683,37 @@ class GatewayService(SequentialMultiService):
         if token is not None:
             self._announce(token)
 
+    def _record_membership(self) -> None:
+        """
+        Record in STATE_DIR that this instance is in step with its cluster,
+        and the route it serves (L{Membership.record}), unless that is
+        what the record holds: at each return in step and each change of
+        the cluster's route, so that a write that failed (a full disk) is
+        tried again then.
+        """
+        route = self.route.current
+        if route == self._recorded_route:
+            return
+
+        def written(recorded: bool) -> None:
+            if recorded:
+                self._recorded_route = route
+
+        self.membership.record(route).addCallback(written)
+
     def _still_waiting(self) -> None:
+        left = None if self.cluster is None else self.cluster.awaiting_write_back
+        if left is not None:
+            # Redis answers: the wait is for the instances in step (trial
+            # s41: it asked to check that Redis was running).
+            self._log.info(
+                "not listening yet: waiting for the instances in step to write the cluster's state back into its "
+                "store at {where} ({seconds:.0f} s so far, {left:.0f} s more at most)",
+                where=masked_url(self.settings.redis_url or ""),
+                seconds=self._reactor.seconds() - self._joined_at,
+                left=left,
+            )
+            return
         self._log.warn(
             "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); "
             "check that Redis is running and REDIS_URL is right",
@@ -1735,7 +1769,9 @@ class GatewayService(SequentialMultiService):
         (L{Membership.held}).
         """
         if self.cluster is not None:
-            self.cluster.was_in_step = self.membership.held()
+            recorded = self.membership.read()
+            self.cluster.was_in_step = recorded is not None
+            self.cluster.remembered_route = None if recorded is None else recorded.route
             return
         restored = self.store.load()
         if restored is not None and restored != self.route.current:

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.membership import MEMBERSHIP_FILE, Membership
+from openclaw.cluster.membership import MEMBERSHIP_FILE, Membership, Recorded, store_identity
 from openclaw.cluster.node import (
     MAX_STALE_READS,
     ROUTE,
@@ -281,6 +281,15 @@ class LostState(TestCase):
         self.assertEqual(d.route.current, Route("kimi", "k-9"))
         said = [formatEvent(e) for e in events if "no instance wrote" in formatEvent(e)]
         self.assertEqual(len(said), 1, said)
+        # Remembering the route it served (its record), it proposes that
+        # one, not the configured one (trial s41: the switch was lost); one
+        # it cannot serve is not proposed.
+        for remembered, proposed in ((Route("kimi", "k-7"), Route("kimi", "k-7")), (Route("acme", "a"), GEMINI)):
+            e = self.restarted_during_the_outage()
+            e.remembered_route = remembered
+            self.clock.advance(e.write_back_grace)
+            self.assertTrue(e.up)
+            self.assertEqual(e.route.current, proposed)
 
     def test_new_instance_proposes_at_once(self) -> None:
         """
@@ -344,10 +353,39 @@ class LostState(TestCase):
         back = Versioned(3, encode_route(GEMINI, 1.0, restored=True), "x")
         self.assertEqual(provenance(json.loads(back.value), back, "switched on"), "written back by x")
 
-    def test_in_step_told_once(self) -> None:
+    def test_one_key_lost(self) -> None:
         """
-        C{on_in_step} is called the first time the node is up, never again
-        (after an outage, say): the record is written once a run.
+        Trial s41: only the token (or only the route) lost, an eviction or
+        a DEL, with the instances in step running: a restarted instance
+        waits for it to be written back rather than propose its own (it
+        printed a token of its own, and the operators' was "revoked" on
+        it, for 3 to 5 s), then takes the cluster's.
+        """
+        self.a.start()
+        self.b.start()
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        jti = self.a.sessions.current.jti
+        for name in (TOKEN, ROUTE):
+            del self.store.values[name]
+            d = self.node(f"d-{name}")
+            d.was_in_step = True
+            d.connected()
+            self.assertNotIn(name, self.store.values)
+            self.assertFalse(d.up)
+            self.assertIsNone(d.sessions.current_or_none)
+            self.assertGreater(d.awaiting_write_back or 0, 0)
+            for _ in range(11):
+                self.clock.advance(1)
+            self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
+            self.assertIsNone(d.awaiting_write_back)
+
+    def test_in_step_told_each_time(self) -> None:
+        """
+        C{on_in_step} is called each time the node is in step (at start,
+        and after an outage), so that a record that could not be written
+        is tried again.
         """
         told: list[None] = []
         node = self.node("c", on_in_step=lambda: told.append(None))
@@ -357,7 +395,7 @@ class LostState(TestCase):
         node.lost()
         node.connected()
         self.assertTrue(node.up)
-        self.assertEqual(told, [None])
+        self.assertEqual(told, [None, None])
 
     def test_heartbeat_writes_back_a_flushed_state(self) -> None:
         """
@@ -751,7 +789,7 @@ class LostState(TestCase):
 class MembershipRecord(TestCase):
     """
     L{Membership}: the record, in STATE_DIR, that an instance was in step
-    with its cluster.
+    with its cluster, and the route it last served there.
     """
 
     def setUp(self) -> None:
@@ -759,37 +797,66 @@ class MembershipRecord(TestCase):
         self.directory.mkdir()
         self.membership = Membership.in_directory(self.directory, "openclaw", "redis://127.0.0.1:6379/0")
 
-    def test_recorded_then_held(self) -> None:
-        self.assertFalse(self.membership.held())
-        self.successResultOf(self.membership.record())
-        self.assertTrue(self.membership.held())
+    def test_recorded_then_read(self) -> None:
+        self.assertIsNone(self.membership.read())
+        self.assertTrue(self.successResultOf(self.membership.record(GEMINI)))
+        self.assertEqual(self.membership.read(), Recorded(GEMINI))
         self.assertEqual((self.directory / MEMBERSHIP_FILE).stat().st_mode & 0o777, 0o600)
 
-    def test_another_cluster_or_store_not_held(self) -> None:
+    def test_store_written_any_way(self) -> None:
+        """
+        The store is compared as the server and database the URL names,
+        however it writes them (trial s41: redis://host:6379 did not match
+        redis://host:6379/0, and the instance did not wait); never with a
+        password.
+        """
+        self.successResultOf(self.membership.record(GEMINI))
+        for url in (
+            "redis://127.0.0.1:6379",
+            "redis://127.0.0.1",
+            "REDIS://127.0.0.1:6379/",
+            "redis://:s3cret@127.0.0.1:6379/0",
+            "redis://127.0.0.1:6379?db=0",
+        ):
+            self.assertEqual(Membership.in_directory(self.directory, "openclaw", url).read(), Recorded(GEMINI), url)
+        self.assertNotIn("s3cret", (self.directory / MEMBERSHIP_FILE).read_text())
+        self.assertEqual(store_identity("unix:///run/redis.sock?db=2"), "unix:///run/redis.sock/2")
+        self.assertEqual(store_identity("rediss://[::1]:6380"), "rediss://[::1]:6380/0")
+
+    def test_another_cluster_or_store_not_read(self) -> None:
         """
         A record of another CLUSTER_NAME, or of another store (REDIS_URL
-        changed), says nothing about this one.
+        moved to another server or database), says nothing about this one,
+        and that is said (trial s41: nothing was).
         """
-        self.successResultOf(self.membership.record())
+        self.successResultOf(self.membership.record(GEMINI))
+        events = capture_log_events(self)
         for other in (
             Membership.in_directory(self.directory, "other", "redis://127.0.0.1:6379/0"),
             Membership.in_directory(self.directory, "openclaw", "redis://10.0.0.2:6379/0"),
+            Membership.in_directory(self.directory, "openclaw", "redis://127.0.0.1:6379/1"),
         ):
-            self.assertFalse(other.held())
+            self.assertIsNone(other.read())
+        said = [formatEvent(e) for e in events if "records another cluster" in formatEvent(e)]
+        self.assertEqual(len(said), 3, said)
 
-    def test_unreadable_not_held(self) -> None:
+    def test_unreadable_not_read(self) -> None:
         """
-        A record that is not JSON, or not a regular file, is "no", said.
+        A record that is not JSON, or not a regular file, is "no", said; a
+        route of another shape is none.
         """
         events = capture_log_events(self)
         path = self.directory / MEMBERSHIP_FILE
         path.write_bytes(b"\xff{")
-        self.assertFalse(self.membership.held())
+        self.assertIsNone(self.membership.read())
         path.unlink()
         path.mkdir()
-        self.assertFalse(self.membership.held())
+        self.assertIsNone(self.membership.read())
         said = [formatEvent(e) for e in events if "ignoring" in formatEvent(e)]
         self.assertEqual(len(said), 2, said)
+        path.rmdir()
+        path.write_text(json.dumps({"cluster_name": "openclaw", "store": self.membership.store, "route": ["x"]}))
+        self.assertEqual(self.membership.read(), Recorded(None))
 
     def test_unwritable_said(self) -> None:
         """
@@ -798,7 +865,7 @@ class MembershipRecord(TestCase):
         """
         events = capture_log_events(self)
         gone = Membership.in_directory(self.directory / "gone", "openclaw", "redis://127.0.0.1:6379/0")
-        self.assertIsNone(self.successResultOf(gone.record()))
+        self.assertFalse(self.successResultOf(gone.record(GEMINI)))
         said = [formatEvent(e) for e in events if "could not record" in formatEvent(e)]
         self.assertEqual(len(said), 1, said)
         self.assertIn("STATE_DIR", said[0])
@@ -1131,6 +1198,10 @@ class LostStateOnRedis(ClusterCase):
         self.redis.start()
         again = self.spawn(b.port, b.api_port, STATE_DIR=str(state_dir))
         yield printed(again, b"waiting up to")
+        # Its wait said as one for the instances in step, not for Redis
+        # (trial s41: "check that Redis is running").
+        yield printed(again, b"waiting for the instances in step to write the cluster's state back", seconds=15)
+        self.assertNotIn(b"check that Redis is running", again.stdout.split(b"waiting up to")[1])
         proxy.port = reactor.listenTCP(port, proxy.port.factory, interface="127.0.0.1")
         self.addCleanup(proxy.stop)
         token_again = yield again.token
@@ -1139,6 +1210,32 @@ class LostStateOnRedis(ClusterCase):
         self.assertNotIn(b"route gemini/", again.stdout)
         answer = yield on_a.ask(token, "ping")
         self.assertTrue(answer["ok"], answer)
+
+    @inlineCallbacks
+    def test_record_written_again_once_it_can_be(self) -> None:
+        """
+        The record in STATE_DIR names the route the instance serves, and
+        is written again at each change of the cluster's route: one that
+        could not be written (a directory in its place, as a full disk
+        does) is written at the next (trial s41: never again in the run).
+        """
+        state_dir = Path(self.mktemp()).absolute()
+        state_dir.mkdir()
+        (state_dir / MEMBERSHIP_FILE).mkdir()
+        a = self.spawn(STATE_DIR=str(state_dir))
+        token = yield a.token
+        yield printed(a, b"could not record in")
+        (state_dir / MEMBERSHIP_FILE).rmdir()
+        client = yield self.client(a.port)
+        answer = yield client.ask(token, "switch_provider", {"provider": "kimi"})
+        self.assertTrue(answer["ok"], answer)
+        deadline = time.monotonic() + 10
+        while not (state_dir / MEMBERSHIP_FILE).is_file():
+            self.assertLess(time.monotonic(), deadline, a.stdout[-3000:])
+            yield sleep(0.05)
+        recorded = json.loads((state_dir / MEMBERSHIP_FILE).read_text())
+        self.assertEqual(recorded["route"]["provider"], "kimi")
+        self.assertEqual(recorded["store"], f"redis://127.0.0.1:{self.redis.port}/0")
 
     @inlineCallbacks
     def test_flushall_then_a_restart(self) -> None:

@@ -1,14 +1,20 @@
 """
-Whether this instance was in step with its cluster in an earlier run: a
-small file in C{STATE_DIR} (L{MEMBERSHIP_FILE}) naming the cluster
-(C{CLUSTER_NAME}) and its store (C{REDIS_URL} without its password),
-written the first time in a run the instance is in step.
+Whether this instance was in step with its cluster in an earlier run, and
+the route it last served there: a small file in C{STATE_DIR}
+(L{MEMBERSHIP_FILE}) naming the cluster (C{CLUSTER_NAME}), its store
+(L{store_identity}: C{REDIS_URL}'s server and database, no credentials)
+and that route, written when the instance is in step and whenever the
+cluster's route changes.
 
 It holds nothing secret and decides nothing on its own: at start, an
 instance that finds it (for the same cluster and store) and then finds the
-store empty knows the store lost the cluster's state, and waits for the
-instances in step to write it back rather than serve a route and token of
-its own (L{openclaw.cluster.node.ClusterNode.was_in_step}).  A missing,
+store without the cluster's route or token knows the store lost them, and
+waits for the instances in step to write them back rather than serve a
+route and token of its own
+(L{openclaw.cluster.node.ClusterNode.was_in_step}); should none write them
+back (the whole cluster restarted with the store), it proposes the route
+it last served rather than the configured one
+(L{openclaw.cluster.node.ClusterNode.remembered_route}).  A missing,
 unreadable or foreign file means "not in step before": the instance
 proposes its own into an empty store at once, as a new one does.
 """
@@ -17,27 +23,62 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.cluster.redis import redis_database
 from openclaw.files import write_atomically
+from openclaw.routing import Route
 from openclaw.state import read_state_file
 from openclaw.writer import FileWriter, WriterStopped
 
 MEMBERSHIP_FILE = "openclaw-cluster.json"
-#: The most bytes of the file read: it holds a name and an address.
+#: The most bytes of the file read: it holds two names, an address and a
+#: route.
 MAX_MEMBERSHIP_BYTES = 4096
+#: Redis's port when a URL names none.
+REDIS_PORT = 6379
+
+
+def store_identity(redis_url: str) -> str:
+    """
+    The store C{redis_url} names, written one way whatever way the URL
+    writes it: C{<scheme>://<host>:<port>/<database>} (the host in lower
+    case, Redis's port 6379 and database 0 when it names none), or
+    C{unix://<path>/<database>}; never a user or password.
+    """
+    parts = urlsplit(redis_url)
+    database = redis_database(redis_url) or 0
+    scheme = parts.scheme.lower()
+    if scheme == "unix":
+        return f"unix://{parts.path}/{database}"
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{parts.port or REDIS_PORT}/{database}"
+
+
+@attrs.frozen
+class Recorded:
+    """
+    What the file says of an earlier run in step with this cluster: the
+    route it last served there (None: the file names none, or one of
+    another shape).
+    """
+
+    route: Route | None
 
 
 @attrs.frozen
 class Membership:
     """
     The record, in C{STATE_DIR}, that this instance was in step with the
-    cluster C{cluster_name} on the store at C{store} (an address without
-    password: L{openclaw.urls.masked_url}).
+    cluster C{cluster_name} on the store C{store} (L{store_identity}).
 
     @ivar path: the file (L{MEMBERSHIP_FILE} in C{STATE_DIR}).
     @ivar writer: where L{record} writes, off the reactor thread; L{None}:
@@ -52,59 +93,95 @@ class Membership:
 
     @classmethod
     def in_directory(
-        cls, directory: Path, cluster_name: str, store: str, writer: FileWriter | None = None
+        cls, directory: Path, cluster_name: str, redis_url: str, writer: FileWriter | None = None
     ) -> Membership:
-        return cls(directory / MEMBERSHIP_FILE, cluster_name, store, writer)
+        return cls(directory / MEMBERSHIP_FILE, cluster_name, store_identity(redis_url), writer)
 
-    def _document(self) -> dict[str, str]:
-        return {"cluster_name": self.cluster_name, "store": self.store}
-
-    def held(self) -> bool:
+    def read(self) -> Recorded | None:
         """
-        Whether the file says this instance was in step with this cluster
-        (the same name, on the same store) in an earlier run.  Blocking
-        (a read of at most L{MAX_MEMBERSHIP_BYTES}), at start; never
-        raises: a file that cannot be read or trusted is "no" (logged).
+        What the file says of an earlier run in step with this cluster
+        (the same name, on the same store); None when it says nothing of
+        one: no file, one that cannot be read or trusted (logged), or one
+        of another cluster or store (logged: this instance will not wait
+        for a write-back).  Blocking (a read of at most
+        L{MAX_MEMBERSHIP_BYTES}), at start; never raises.
         """
         try:
             document = json.loads(read_state_file(self.path, MAX_MEMBERSHIP_BYTES))
         except FileNotFoundError:
-            return False
+            return None
         except (OSError, ValueError, RecursionError) as e:
             self._log.warn(
                 "ignoring {path}: {error}; it is written again once this instance is in step with its cluster",
                 path=str(self.path),
                 error=str(e),
             )
-            return False
-        return bool(document == self._document())
+            return None
+        if not isinstance(document, dict):
+            document = {}
+        named = (document.get("cluster_name"), document.get("store"))
+        if named != (self.cluster_name, self.store):
+            self._log.info(
+                "{path} records another cluster ({named}), not {cluster} on {store}: this instance counts as a new "
+                "one (it will not wait for the cluster's state to be written back into an empty store)",
+                path=str(self.path),
+                named=" on ".join(str(name) for name in named),
+                cluster=self.cluster_name,
+                store=self.store,
+            )
+            return None
+        return Recorded(_route(document.get("route")))
 
-    def record(self) -> Deferred[None]:
+    def record(self, route: Route) -> Deferred[bool]:
         """
-        Write the file (atomically), off the reactor thread when there is
-        a writer.  Never fails: a write that fails is logged as a warning
-        (the instance then proposes its own route and token into an empty
-        store after its next start, as a new one does).
+        Write the file (atomically), naming C{route} as the one last
+        served, off the reactor thread when there is a writer (a write
+        asked while another waits replaces it).  Never fails: a write that
+        fails is logged as a warning.
+
+        @return: a Deferred firing with whether it was written.
         """
-        text = json.dumps(self._document())
+        text = json.dumps(
+            {
+                "cluster_name": self.cluster_name,
+                "store": self.store,
+                "route": {"provider": route.provider_id, "model": route.model},
+            }
+        )
         if self.writer is None:
             try:
                 write_atomically(self.path, text)
             except OSError as e:
                 self._unrecorded(str(e))
-            return succeed(None)
+                return succeed(False)
+            return succeed(True)
 
-        def failed(reason: Failure) -> None:
+        def failed(reason: Failure) -> bool:
             if not reason.check(WriterStopped):
                 self._unrecorded(reason.getErrorMessage() or type(reason.value).__name__)
+            return False
 
-        return self.writer.write(self.path, text).addErrback(failed)
+        return self.writer.write(self.path, text).addCallbacks(lambda _: True, failed)
 
     def _unrecorded(self, error: str) -> None:
         self._log.warn(
             "could not record in {path} that this instance is in step with its cluster ({error}): after a restart "
             "into an empty cluster store it will not wait for the instances in step to write the cluster's route "
-            "and token back; fix what stops the gateway's user writing in STATE_DIR",
+            "and token back; fix what stops the gateway's user writing in STATE_DIR (it is tried again when the "
+            "cluster's route changes, or this instance is in step again)",
             path=str(self.path),
             error=error,
         )
+
+
+def _route(value: Any) -> Route | None:
+    """
+    The route a record's C{route} names: an object of two strings; None
+    for anything else (the node checks its provider and model).
+    """
+    if not isinstance(value, dict):
+        return None
+    provider, model = value.get("provider"), value.get("model")
+    if isinstance(provider, str) and isinstance(model, str):
+        return Route(provider, model)
+    return None

@@ -551,9 +551,10 @@ class ClusterNode:
     @param cluster_name: C{CLUSTER_NAME}, and C{database} the store's
         database (C{REDIS_URL}'s), for the warning about instances of the
         same name in other databases.
-    @param on_in_step: called once, the first time this instance is in
-        step with the cluster (up), to record it for the next run
-        (L{openclaw.cluster.membership.Membership.record}).
+    @param on_in_step: called each time this instance is in step with the
+        cluster (up: at start, and after each outage), and C{on_route} with
+        each route of the cluster's it applies, to record them for the next
+        run (L{openclaw.cluster.membership.Membership.record}).
     @ivar was_in_step: this instance was in step with this cluster in an
         earlier run (L{openclaw.cluster.membership.Membership.held}, read
         at start): should it find the store holding neither route nor
@@ -564,6 +565,12 @@ class ClusterNode:
         a heartbeat interval (the instances in step notice a flush at
         their next heartbeat), the reconnection backoff's cap (they notice
         a restart when they reconnect) and two store timeouts.
+    @ivar remembered_route: the route this instance last served in the
+        cluster in an earlier run (its record in C{STATE_DIR}), or None:
+        proposed, rather than the configured one, should it find the
+        store without the cluster's route and none write it back (every
+        instance restarted with the store: trial s41, the cluster came
+        back on DEFAULT_PROVIDER, the operator's switch lost).
     """
 
     _log = Logger()
@@ -590,6 +597,7 @@ class ClusterNode:
         cluster_name: str = "openclaw",
         database: int = 0,
         on_in_step: Callable[[], object] = lambda: None,
+        on_route: Callable[[Route], object] = lambda route: None,
     ) -> None:
         self.store = store
         self.where = where
@@ -611,8 +619,10 @@ class ClusterNode:
         #: (or reload) read them (L{Heartbeat.changes}); None before.
         self._changes: dict[str, int] | None = None
         self._retry_max = max(retry_max, min(timeout, RELOAD_RETRY_SECONDS))
-        self._on_in_step: Callable[[], object] | None = on_in_step
+        self._on_in_step = on_in_step
+        self._on_route = on_route
         self.was_in_step = False
+        self.remembered_route: Route | None = None
         self.write_back_grace = HEARTBEAT_INTERVAL_SECONDS + self._retry_max + 2 * timeout
         #: When (C{reactor.seconds}) this instance, never in step, first
         #: found the store empty while it waited for a write-back
@@ -809,9 +819,7 @@ class ClusterNode:
                 route=f"{self.route.current.provider_id}/{self.route.current.model}",
                 jti=self.sessions.current.jti,
             )
-            on_in_step, self._on_in_step = self._on_in_step, None
-            if on_in_step is not None:
-                on_in_step()
+            self._on_in_step()
         else:
             self._log.warn(
                 "cluster store unreachable{why}: serving with the last known route and token; "
@@ -928,34 +936,45 @@ class ClusterNode:
             self._set_up(True)
             self.beat()
 
+    @property
+    def awaiting_write_back(self) -> float | None:
+        """
+        While this instance waits for the instances in step to write the
+        cluster's state back (L{_awaits_write_back}), the seconds left of
+        that wait; else None.
+        """
+        if self._empty_since is None or self.up:
+            return None
+        return max(0.0, self._empty_since + self.write_back_grace - self._reactor.seconds())
+
     def _awaits_write_back(self, heartbeat: Heartbeat) -> bool:
         """
         Whether this reload stops here, to look again in
         L{WRITE_BACK_POLL_SECONDS}, rather than propose this instance's
-        route and token: it has never been in step in this run, the store
-        holds neither (C{heartbeat}'s versions are 0), and either it was in
-        step in an earlier run (L{was_in_step}) or instances in step are
-        alive (C{heartbeat.alive}: only those count) — the store lost the
-        cluster's state, which they will write back — and it has waited
-        less than L{write_back_grace} since it first found it so.  Logged
-        when the wait begins and when it ends with nothing written back.
+        route or token: it has never been in step in this run, the store
+        lacks the route, the token or both (C{heartbeat}'s versions are 0),
+        and either it was in step in an earlier run (L{was_in_step}) or
+        instances in step are alive (C{heartbeat.alive}: only those count)
+        — the store lost the cluster's state, which they will write back
+        (trial s41: one key evicted, a newcomer printed a token of its own)
+        — and it has waited less than L{write_back_grace} since it first
+        found it so.  Logged when the wait begins and when it ends with
+        nothing written back.
         """
-        empty = (
-            self._known(ROUTE) is None
-            and self._known(TOKEN) is None
-            and not heartbeat.versions.get(ROUTE)
-            and not heartbeat.versions.get(TOKEN)
-        )
-        if not empty or not (self.was_in_step or heartbeat.alive > 0):
+        missing = [name for name in (ROUTE, TOKEN) if not heartbeat.versions.get(name)]
+        never = self._known(ROUTE) is None and self._known(TOKEN) is None
+        if not missing or not never or not (self.was_in_step or heartbeat.alive > 0):
             self._empty_since = None
             return False
         now = self._reactor.seconds()
+        names = " and no ".join(missing)
         if self._empty_since is None:
             self._empty_since = now
             self._log.warn(
-                "the cluster store holds no route and no token, and {why}: it lost the cluster's state (restarted "
-                "empty, flushed or evicted); waiting up to {grace:g} s for an instance in step to write them back "
-                "before proposing this instance's configured route and a new token",
+                "the cluster store holds no {names}, and {why}: it lost the cluster's state (restarted empty, "
+                "flushed or evicted); waiting up to {grace:g} s for an instance in step to write it back before "
+                "proposing this instance's own",
+                names=names,
                 why=(
                     "this instance was in step with the cluster before it started (its record in STATE_DIR)"
                     if self.was_in_step
@@ -965,9 +984,9 @@ class ClusterNode:
             )
         elif now - self._empty_since >= self.write_back_grace:
             self._log.warn(
-                "no instance wrote the cluster's route and token back into its store within {grace:g} s: "
-                "proposing this instance's configured route and a new token (every instance of the cluster "
-                "restarted with the store, or none reaches it)",
+                "no instance wrote the cluster's {names} back into its store within {grace:g} s: proposing this "
+                "instance's own (every instance of the cluster restarted with the store, or none reaches it)",
+                names=" and ".join(missing),
                 grace=self.write_back_grace,
             )
             return False
@@ -1015,8 +1034,24 @@ class ClusterNode:
         cluster's record says, or now if it has never been in step.
         """
         if ROUTE not in self.versions:
-            return encode_route(self.route.current, self._now(), by=self.instance)
+            return encode_route(self._proposed_route(), self._now(), by=self.instance)
         return encode_route(self.route.current, self._route_at, self._route_restored, self._route_by)
+
+    def _proposed_route(self) -> Route:
+        """
+        The route this instance proposes to a store without one: the one
+        it last served in the cluster (L{remembered_route}), when this
+        instance can serve it (a provider it declares, a model the API
+        takes), else the one in force (the configured one).
+        """
+        remembered = self.remembered_route
+        if (
+            remembered is not None
+            and remembered.provider_id in self._provider_ids
+            and model_refusal(remembered.model) is None
+        ):
+            return remembered
+        return self.route.current
 
     def _now(self) -> float:
         """
@@ -1389,6 +1424,8 @@ class ClusterNode:
         first = ROUTE not in self.versions
         self.versions[ROUTE] = versioned.version
         previous = self.route.switch(route)
+        if first or previous != route:
+            self._on_route(route)
         if first and previous != route:
             # The configured route (DEFAULT_PROVIDER and its model)
             # gives way to the cluster's: said, as a standalone
@@ -1868,8 +1905,9 @@ class ClusterNode:
                 # FLUSHDB, an eviction, a restart the connection survived).
                 self._log.warn(
                     "the cluster store lost the {names} this instance knows (flushed, evicted or restarted empty); "
-                    "writing them back",
+                    "writing {them} back",
                     names=" and ".join(lost),
+                    them="them" if len(lost) > 1 else "it",
                 )
                 self._reload()
                 # The rest of its keys went with them (the consumers' windows).
