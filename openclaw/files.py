@@ -37,6 +37,17 @@ def named_uid(uid: int) -> str:
     return f"uid {uid} ({name})"
 
 
+def neither_user_nor_root(euid: int) -> str:
+    """
+    How a refusal names the owners it trusts, the gateway's user (uid
+    C{euid}) and root: once, when the gateway runs as root (operator trial
+    s41: "neither the gateway's user, uid 0 (root), nor root").
+    """
+    if euid == 0:
+        return "not root, the gateway's user"
+    return f"neither the gateway's user, {named_uid(euid)}, nor root"
+
+
 class OwnerNotKept(PermissionError):
     """
     L{write_atomically} was asked to keep the owner of the file it

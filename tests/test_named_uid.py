@@ -11,7 +11,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from openclaw.files import OwnerNotKept, named_uid
+from openclaw.files import OwnerNotKept, named_uid, neither_user_nor_root
 from openclaw.settings.permissions import untrusted_log_file
 
 
@@ -93,3 +93,14 @@ class NamedUidTests(SynchronousTestCase):
             "that user chose where it points",
             untrusted_log_file(link, euid=gateway) or "",
         )
+
+
+class NeitherUserNorRootTests(SynchronousTestCase):
+    def test_root_named_once(self) -> None:
+        """
+        A gateway run as root names root once among the owners it trusts
+        (operator trial s41: "neither the gateway's user, uid 0 (root), nor
+        root").
+        """
+        self.assertEqual(neither_user_nor_root(0), "not root, the gateway's user")
+        self.assertEqual(neither_user_nor_root(4242), f"neither the gateway's user, {named_uid(4242)}, nor root")

@@ -58,7 +58,7 @@ from openclaw.consumers.model import (
     retired_name,
 )
 from openclaw.deferreds import InFlight
-from openclaw.files import NotARegularFile, displaced, open_regular_file, replace_atomically
+from openclaw.files import NotARegularFile, displaced, neither_user_nor_root, open_regular_file, replace_atomically
 from openclaw.reactors import IStoreReactor
 from openclaw.threads import DaemonThread
 from openclaw.timefmt import compact
@@ -1699,7 +1699,7 @@ def private(path: Path, euid: int | None = None) -> None:
             if owner not in (euid, 0):
                 raise UnusableDatabaseFile(
                     f"the consumers' database {str(path)!r} cannot be used ({str(name)!r} belongs to uid {owner}, "
-                    f"neither the gateway's user (uid {euid}) nor root, so that user could have put it there): "
+                    f"{neither_user_nor_root(euid)}, so that user could have put it there): "
                     f"move it aside, or if it is yours, chown {euid} {str(name)!r}"
                 )
             try:

@@ -13,7 +13,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
-from openclaw.files import named_uid
+from openclaw.files import named_uid, neither_user_nor_root
 from openclaw.settings.errors import ConfigError
 
 
@@ -31,7 +31,7 @@ def _trusted_links(path: Path, what: str, euid: int, fix: str) -> list[tuple[Pat
         if held_link.st_uid not in (euid, 0):
             raise ConfigError(
                 f"{what} is reached through the symbolic link {str(link)!r}, which belongs to "
-                f"{named_uid(held_link.st_uid)}, neither the gateway's user, {named_uid(euid)}, nor root, so that "
+                f"{named_uid(held_link.st_uid)}, {neither_user_nor_root(euid)}, so that "
                 f"user chose where it points; {fix}"
             )
     return links
@@ -62,8 +62,8 @@ def untrusted_log_file(path: Path, euid: int | None = None) -> str | None:
         return None  # opening it says why
     if info.st_uid not in (euid, 0):
         return (
-            f"the log file belongs to {named_uid(info.st_uid)}, neither the gateway's user, {named_uid(euid)}, nor "
-            f"root, so that user could read or change what is logged; {fix}, or chown {euid} it"
+            f"the log file belongs to {named_uid(info.st_uid)}, {neither_user_nor_root(euid)}, so that user could "
+            f"read or change what is logged; {fix}, or chown {euid} it"
         )
     return None
 
@@ -105,7 +105,7 @@ def check_private_file(path: Path, what: str, secret: bool, euid: int | None = N
     links = _trusted_links(path, what, euid, "name the file itself, or replace the link with one of your own")
     if info.st_uid not in (euid, 0):
         raise ConfigError(
-            f"{what} belongs to uid {info.st_uid}, neither the gateway's user (uid {euid}) nor root, "
+            f"{what} belongs to uid {info.st_uid}, {neither_user_nor_root(euid)}, "
             f"so that user could change it; chown {euid} {str(path)!r} (or root) and chmod 600 it"
         )
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
@@ -160,8 +160,8 @@ def _check_directories(path: Path, links: Sequence[Path], what: str, euid: int, 
         name = str(directory)
         if held.st_uid not in (euid, 0):
             raise ConfigError(
-                f"{what} is in directory {name!r}, which belongs to uid {held.st_uid}, neither the gateway's "
-                f"user (uid {euid}) nor root, so that user could replace the file; {move}, or "
+                f"{what} is in directory {name!r}, which belongs to uid {held.st_uid}, "
+                f"{neither_user_nor_root(euid)}, so that user could replace the file; {move}, or "
                 f"chown {euid} {name!r} (or root)"
             )
         dmode = stat.S_IMODE(held.st_mode)
@@ -258,8 +258,8 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
         name = str(directory)
         if held.st_uid not in (euid, 0):
             raise ConfigError(
-                f"{what}: directory {name!r} belongs to uid {held.st_uid}, neither the gateway's user "
-                f"(uid {euid}) nor root, so that user could put files of their own in place of the consumers' "
+                f"{what}: directory {name!r} belongs to uid {held.st_uid}, {neither_user_nor_root(euid)}, "
+                "so that user could put files of their own in place of the consumers' "
                 f"database; chown {euid} {name!r} (or root), or {fix}"
             )
         dmode = stat.S_IMODE(held.st_mode)
