@@ -349,6 +349,26 @@ def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) 
     )
 
 
+def _gateway_as_nobody_with(setpriv: str, base: Path, state: Path, *more: str) -> Any:
+    """
+    L{_gateway_as_nobody} with C{more} arguments after openclaw's own, and
+    no TOKEN_FILE: its output, errors and exit status.
+    """
+    return getProcessOutputAndValue(
+        setpriv,
+        [
+            f"--reuid={NOBODY}",
+            f"--regid={NOBODY}",
+            "--clear-groups",
+            twistd_path(),
+            *_gateway_args(state / "token", state),
+            *more,
+        ],
+        env=gateway_env(HOME=str(base)),
+        path=str(base),
+    )
+
+
 def _as_nobody() -> str:
     """
     setpriv, once it is known to run this Python with openclaw as uid
@@ -366,6 +386,36 @@ def _as_nobody() -> str:
     if probe.returncode != 0:
         raise SkipTest(f"uid {NOBODY} cannot run this Python with openclaw installed (its install is not readable)")
     return setpriv
+
+
+class EnvFileOfAnotherUserTests(TestCase):
+    """
+    Operator trial s41: an env file root made (mode 0600, as contrib's
+    comments say) given with --env-file to a gateway run as its own user:
+    one line saying that user may not read it and what to do, not a bare
+    "[Errno 13] Permission denied".
+    """
+
+    timeout = 60
+
+    @inlineCallbacks
+    def test_unreadable_env_file(self) -> Any:
+        setpriv = _as_nobody()
+        base = Path(tempfile.mkdtemp(prefix="oc-envfile-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        base.chmod(0o755)
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        os.chown(state, NOBODY, NOBODY)
+        env_file = base / "openclaw.env"
+        env_file.write_text("LOG_LEVEL=info\n")
+        env_file.chmod(0o600)
+        out, err, code = yield _gateway_as_nobody_with(setpriv, base, state, "--env-file", str(env_file))
+        self.assertEqual(code, 2, (out, err))
+        self.assertNotIn(b"Traceback", out + err)
+        (line,) = err.decode().splitlines()
+        self.assertIn(f"cannot read env file {str(env_file)!r} (Permission denied): the gateway's user", line)
+        self.assertIn("may not read it; make it that user's", line)
 
 
 class TokenFilePlantedTests(TestCase):

@@ -61,7 +61,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import attrs
 from decouple import Config, RepositoryEmpty, RepositoryEnv, strtobool
 
-from openclaw.files import NotARegularFile, kind_of, read_regular_file
+from openclaw.files import NotARegularFile, kind_of, named_uid, read_regular_file
 from openclaw.routing import model_refusal
 from openclaw.settings.database import _database_url
 from openclaw.settings.directories import (
@@ -638,6 +638,12 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
         raise ConfigError(
             f"cannot read env file {str(path)!r}: line {line} is not UTF-8 (byte {e.object[e.start]:#04x}); save "
             "the file as UTF-8 (iconv -f latin1 -t utf-8, or your editor's encoding setting)"
+        ) from None
+    except PermissionError as e:
+        raise ConfigError(
+            f"cannot read env file {str(path)!r} ({e.strerror}): the gateway's user, {named_uid(os.geteuid())}, "
+            "may not read it; make it that user's (chown, mode 0600), or leave --env-file out and have whoever "
+            "starts the gateway read the file into its environment (set -a; . FILE; or systemd's EnvironmentFile=)"
         ) from None
     except OSError as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
