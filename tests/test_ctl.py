@@ -97,6 +97,20 @@ class ParseRequestTests(TestCase):
         self.assertEqual(parsed.timeout, 10.0)
         self.assertFalse(parsed.as_json)
 
+    def test_url_from_the_environment(self):
+        """
+        OPENCLAW_URL is the default --url, as OPENCLAW_TOKEN is the token's
+        (operator trial s41: a gateway on another port needed --url on
+        every call); --url, before or after the command, beats it.
+        """
+        environ = {"OPENCLAW_URL": " ws://127.0.0.1:9999 "}
+        self.assertEqual(self.parse("--token", "T", "ping", environ=environ).url, "ws://127.0.0.1:9999")
+        for argv in (("--url", "ws://h:1", "--token", "T", "ping"), ("--token", "T", "ping", "--url", "ws://h:1")):
+            self.assertEqual(self.parse(*argv, environ=environ).url, "ws://h:1")
+        self.assertEqual(self.parse("--token", "T", "ping", environ={"OPENCLAW_URL": ""}).url, "ws://127.0.0.1:18789")
+        with self.assertRaises(ctl.UsageError):
+            self.parse("--token", "T", "ping", environ={"OPENCLAW_URL": "http://x"})
+
     def test_health_check_waits_longer(self):
         self.assertEqual(self.parse("--token", "T", "health-check").timeout, 30.0)
         self.assertEqual(self.parse("--token", "T", "--timeout", "2.5", "health-check").timeout, 2.5)

@@ -26,6 +26,7 @@ from openclaw.ctl.request import (
     HEALTH_CHECK_TIMEOUT,
     PROG,
     TOKEN_VARIABLE,
+    URL_VARIABLE,
     Request,
     UsageError,
     unix_socket_path,
@@ -62,8 +63,11 @@ def _connection_options(parser: argparse.ArgumentParser, defaults: bool) -> None
     group = parser.add_argument_group("connection options")
     group.add_argument(
         "--url",
-        default=default(DEFAULT_URL),
-        help=f"the control plane's ws:// or wss:// URL, or unix:PATH for a UNIX socket (default {DEFAULT_URL})",
+        default=default(None),
+        help=(
+            f"the control plane's ws:// or wss:// URL, or unix:PATH for a UNIX socket (default ${URL_VARIABLE}, "
+            f"else {DEFAULT_URL})"
+        ),
     )
     group.add_argument(
         "--token", default=default(None), help="the session token (beats --token-file and OPENCLAW_TOKEN)"
@@ -561,6 +565,10 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         if suggestion is not None:
             malformed.parser.exit(2, suggestion + "\n")
         malformed.parser.fail(malformed.message + dash_hint(malformed.message, argv, malformed.parser.prog))
+    if args.url is None:
+        # As OPENCLAW_TOKEN gives the token: a gateway on another port or
+        # host without --url on every call (operator trial s41).
+        args.url = environ.get(URL_VARIABLE, "").strip() or DEFAULT_URL
     _check_url(args.url)
     if args.cafile is not None and not args.url.startswith("wss:"):
         raise UsageError("--cafile is only for wss:// URLs")

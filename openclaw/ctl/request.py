@@ -21,6 +21,8 @@ DEFAULT_TIMEOUT = 10.0
 #: 5 s by default, plus queueing behind a probe already in flight).
 HEALTH_CHECK_TIMEOUT = 30.0
 TOKEN_VARIABLE = "OPENCLAW_TOKEN"
+#: The environment variable whose value is the default C{--url}.
+URL_VARIABLE = "OPENCLAW_URL"
 
 
 class UsageError(Exception):
