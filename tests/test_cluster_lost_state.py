@@ -376,6 +376,10 @@ class LostState(TestCase):
             self.assertFalse(d.up)
             self.assertIsNone(d.sessions.current_or_none)
             self.assertGreater(d.awaiting_write_back or 0, 0)
+            # Out of reach meanwhile: the wait is for the store again.
+            d.lost()
+            self.assertIsNone(d.awaiting_write_back)
+            d.connected()
             for _ in range(11):
                 self.clock.advance(1)
             self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)

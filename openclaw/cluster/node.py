@@ -941,9 +941,9 @@ class ClusterNode:
         """
         While this instance waits for the instances in step to write the
         cluster's state back (L{_awaits_write_back}), the seconds left of
-        that wait; else None.
+        that wait; else None (the store out of reach meanwhile included).
         """
-        if self._empty_since is None or self.up:
+        if self._empty_since is None or self.up or not self._connected:
             return None
         return max(0.0, self._empty_since + self.write_back_grace - self._reactor.seconds())
 
