@@ -1692,7 +1692,9 @@ class GatewayService(SequentialMultiService):
         tried again then.
         """
         route = self.route.current
-        if route == self._recorded_route:
+        if route == self._recorded_route or self.cluster is None or not self.cluster.up:
+            # Only once in step: an instance that then refuses the
+            # cluster's token has not been (review s41).
             return
 
         def written(recorded: bool) -> None:
@@ -1766,7 +1768,7 @@ class GatewayService(SequentialMultiService):
         cannot be trusted is logged as a warning and ignored.  In a
         cluster, the Redis copy is the cluster's route: only whether this
         instance was in step with the cluster before is read
-        (L{Membership.held}).
+        (L{Membership.read}).
         """
         if self.cluster is not None:
             recorded = self.membership.read()

@@ -385,6 +385,72 @@ class LostState(TestCase):
             self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
             self.assertIsNone(d.awaiting_write_back)
 
+    def test_fields_of_a_later_version_compared_for_nothing(self) -> None:
+        """
+        A route record that differs from the one held only in a field this
+        version does not compare (a later version's, a C{by} of another
+        type) is the same record: no reload, no line, at every heartbeat
+        (review s41: whole records were compared, and an instance of an
+        earlier version reloaded every 10 s once a new one had switched).
+        """
+        self.a.start()
+        self.addCleanup(self.a.stop)
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        held = self.store.values[ROUTE]
+        for extra in ({"future": 1}, {"by": 7}):
+            document = {**json.loads(held.value), **extra}
+            self.store.values[ROUTE] = Versioned(held.version, json.dumps(document), held.origin)
+            events = capture_log_events(self)
+            self.clock.advance(30)
+            said = [formatEvent(e) for e in events if "does not know" in formatEvent(e)]
+            self.assertEqual(said, [], extra)
+            self.assertEqual(self.a.route.current, Route("kimi", "k-1"))
+
+    def test_outage_during_the_wait(self) -> None:
+        """
+        The store out of reach while an instance waits for a write-back:
+        the time away counts for nothing, the wait starts again once it is
+        back (review s41: it proposed its own at once, before the
+        instances in step had reconnected).
+        """
+        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
+        jti = self.a.sessions.current.jti
+        d = self.restarted_during_the_outage()
+        d.lost()
+        self.clock.advance(60)
+        d.connected()
+        self.assertFalse(d.up)
+        self.assertEqual(self.store.values, {})
+        self.a.connected()
+        self.b.connected()
+        self.clock.advance(WRITE_BACK_POLL_SECONDS)
+        self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
+
+    def test_message_during_the_wait(self) -> None:
+        """
+        A switch published while an instance waits for the lost token: the
+        route it applies does not end the wait (review s41: the token still
+        missing, it minted and announced its own); it takes the cluster's
+        token once written back.
+        """
+        self.a.start()
+        self.b.start()
+        self.addCleanup(self.a.stop)
+        self.addCleanup(self.b.stop)
+        jti = self.a.sessions.current.jti
+        del self.store.values[TOKEN]
+        d = self.node("d")
+        d.was_in_step = True
+        d.connected()
+        self.successResultOf(self.a.switch(Route("kimi", "k-2")))
+        self.assertEqual(d.route.current, Route("kimi", "k-2"))
+        self.clock.advance(WRITE_BACK_POLL_SECONDS)
+        self.assertIsNone(d.sessions.current_or_none)
+        self.assertNotIn(TOKEN, self.store.values)
+        for _ in range(11):
+            self.clock.advance(1)
+        self.assert_agree(Route("kimi", "k-2"), jti, self.a, self.b, d)
+
     def test_in_step_told_each_time(self) -> None:
         """
         C{on_in_step} is called each time the node is in step (at start,

@@ -534,7 +534,8 @@ class UnheardCloseTests(TestCase):
         self.assertEqual(close[:2], struct.pack("!H", 1009))
         self.assert_refused(gateway, events, "protocol_error")
         said = [formatEvent(e) for e in events if e.get("reason") == "protocol_error"]
-        self.assertIn("before it authenticated: 1009", said[0])
+        self.assertIn("before it authenticated: 1009 received WebSocket message size", said[0])
+        self.assertNotIn("b'", said[0])
 
     @inlineCallbacks
     def test_guesser_flood_after_1008_is_not_read(self):

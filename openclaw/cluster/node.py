@@ -357,6 +357,24 @@ def provenance(document: dict[str, Any], versioned: Versioned, made: str) -> str
     return f"{made} {by}"
 
 
+#: The fields of a route or token record that say which one it is: any
+#: other (C{by}, a field a later version adds) is said, never compared.
+IDENTITY_FIELDS = ("provider", "model", "token", "jti", "iat", "exp", "at", "restored")
+
+
+def record_identity(document: Any) -> tuple[Any, ...] | Any:
+    """
+    What two route or token records (decoded) are compared by
+    (L{IDENTITY_FIELDS}): two that differ only in another field, C{by}
+    or one a later version adds, are the same record (review s41: an
+    instance reloaded at every heartbeat a record with a field it did not
+    write).  Anything but an object is compared whole.
+    """
+    if not isinstance(document, dict):
+        return document
+    return tuple(document.get(name) for name in IDENTITY_FIELDS)
+
+
 def record_by(document: dict[str, Any]) -> str | None:
     """
     The C{by} of a decoded route or token record (L{encode_route},
@@ -556,7 +574,7 @@ class ClusterNode:
         each route of the cluster's it applies, to record them for the next
         run (L{openclaw.cluster.membership.Membership.record}).
     @ivar was_in_step: this instance was in step with this cluster in an
-        earlier run (L{openclaw.cluster.membership.Membership.held}, read
+        earlier run (L{openclaw.cluster.membership.Membership.read}, read
         at start): should it find the store holding neither route nor
         token while it has never been in step in this run, the store lost
         them, and it waits up to L{write_back_grace} for an instance in
@@ -623,6 +641,8 @@ class ClusterNode:
         self._on_route = on_route
         self.was_in_step = False
         self.remembered_route: Route | None = None
+        #: This instance has been up (in step) in this run.
+        self._been_up = False
         self.write_back_grace = HEARTBEAT_INTERVAL_SECONDS + self._retry_max + 2 * timeout
         #: When (C{reactor.seconds}) this instance, never in step, first
         #: found the store empty while it waited for a write-back
@@ -785,6 +805,9 @@ class ClusterNode:
         """
         self._connected = False
         self._cancel_retry()
+        # A wait for a write-back starts again once back: the time away
+        # is no time the instances in step had to write (review s41).
+        self._empty_since = None
         # Back up, it looks again (Redis may be another server now).
         self._namesakes_looked = None
         self._set_up(False, reason)
@@ -819,6 +842,7 @@ class ClusterNode:
                 route=f"{self.route.current.provider_id}/{self.route.current.model}",
                 jti=self.sessions.current.jti,
             )
+            self._been_up = True
             self._on_in_step()
         else:
             self._log.warn(
@@ -962,8 +986,10 @@ class ClusterNode:
         nothing written back.
         """
         missing = [name for name in (ROUTE, TOKEN) if not heartbeat.versions.get(name)]
-        never = self._known(ROUTE) is None and self._known(TOKEN) is None
-        if not missing or not never or not (self.was_in_step or heartbeat.alive > 0):
+        # Not up yet in this run: a route or token applied from a message
+        # meanwhile does not end the wait (review s41: the token still
+        # missing, it proposed its own).
+        if not missing or self._been_up or not (self.was_in_step or heartbeat.alive > 0):
             self._empty_since = None
             return False
         now = self._reactor.seconds()
@@ -1070,7 +1096,7 @@ class ClusterNode:
         """
         try:
             if name == ROUTE:
-                return bool(json.loads(held) != json.loads(self._mine(ROUTE)))
+                return record_identity(json.loads(held)) != record_identity(json.loads(self._mine(ROUTE)))
             current = self.sessions.current_or_none
             if current is None or self._foreign_token is not None:
                 return False
@@ -1095,10 +1121,10 @@ class ClusterNode:
         except ValueError:
             return True  # nothing any instance can apply
         ours = json.loads(mine)
-        if theirs == ours:
-            return False
         if not isinstance(theirs, dict):
             return True  # nothing any instance can apply
+        if record_identity(theirs) == record_identity(ours):
+            return False
         if name == ROUTE:
             if held.version < known:
                 return True

@@ -249,17 +249,22 @@ class ControlProtocol(WebSocketServerProtocol):
         # Autobahn's close frame for what it read (a protocol error, a
         # message too big, bad UTF-8) is sent here.
         if self.state in _ENDING:
+            # Autobahn's public (documented, not underscored) attributes of
+            # the close it sent: failedByMe when it failed the connection
+            # for what the peer sent, with that close's code and reason.
             code = self.localCloseCode
             if (
                 code is not None
                 and code in PROTOCOL_CLOSE_CODES
-                and self.closedByMe
+                and self.failedByMe
                 and not self.authenticated
                 and self.connection is not None
             ):
                 # Before authenticating: a refused connection, said and
                 # counted (hostile trial s40: neither).
-                self._refused_before_auth("protocol_error", code, self.localCloseReason or "")
+                reason = self.localCloseReason
+                said = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason or "")
+                self._refused_before_auth("protocol_error", code, said)
             self.await_close_answer()
 
     def await_close_answer(self) -> None:
