@@ -24,6 +24,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.control.protocol import CLOSE_HANDSHAKE_SECONDS, UNAUTHENTICATED_BYTES_REASON, UNHEARD_CLOSE_SECONDS
+from openclaw.logs import REFUSED_CONNECTION_FIELD
 from tests.support import SECRET, RunningGateway, capture_log_events, connect, open_client, start_gateway
 from tests.wsfuzz import frame, server_frames
 
@@ -516,6 +517,9 @@ class UnheardCloseTests(TestCase):
         (closed,) = [event for event in events if event.get("reason") == reason]
         self.assertTrue(closed["peer"].startswith("127.0.0.1:"))
         self.assertEqual(closed["outcome"], "closed")
+        # Marked for the observer's limit on refusal lines (recheck s41:
+        # one line per connection, unlimited).
+        self.assertEqual(closed[REFUSED_CONNECTION_FIELD], reason)
         registry = gateway.service.metrics.registry
         sample = registry.get_sample_value("openclaw_control_refused_connections_total", {"reason": reason})
         self.assertEqual(sample, 1.0)

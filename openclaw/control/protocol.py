@@ -472,6 +472,9 @@ class ControlProtocol(WebSocketServerProtocol):
             factory.metrics.refused_connection(reason)
         connection = self.connection
         who, fields = from_peer(connection.proxy if connection is not None else None)
+        # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
+        # of them through a second (recheck s41: a client in
+        # TRUSTED_CLIENT_IPS wrote a line per connection).
         factory.events.warn(
             "closing control connection " + who + " before it authenticated: {code} {said} (reason={reason})",
             peer=connection.peer if connection is not None else "?",
@@ -479,6 +482,7 @@ class ControlProtocol(WebSocketServerProtocol):
             said=said[:HANDSHAKE_DETAIL_MAX],
             outcome="closed",
             reason=reason,
+            **{REFUSED_CONNECTION_FIELD: reason},
             **fields,
         )
 
