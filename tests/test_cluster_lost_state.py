@@ -887,6 +887,10 @@ class MembershipRecord(TestCase):
             "REDIS://127.0.0.1:6379/",
             "redis://:s3cret@127.0.0.1:6379/0",
             "redis://127.0.0.1:6379?db=0",
+            # The same server by another name (recheck s41), or another
+            # server: only the cluster's name and database are compared.
+            "redis://localhost:6379/0",
+            "redis://10.0.0.2:6379/0",
         ):
             self.assertEqual(Membership.in_directory(self.directory, "openclaw", url).read(), Recorded(GEMINI), url)
         self.assertNotIn("s3cret", (self.directory / MEMBERSHIP_FILE).read_text())
@@ -895,20 +899,20 @@ class MembershipRecord(TestCase):
 
     def test_another_cluster_or_store_not_read(self) -> None:
         """
-        A record of another CLUSTER_NAME, or of another store (REDIS_URL
-        moved to another server or database), says nothing about this one,
-        and that is said (trial s41: nothing was).
+        A record of another CLUSTER_NAME, or of another Redis database,
+        says nothing about this one, and that is said (trial s41: nothing
+        was).
         """
         self.successResultOf(self.membership.record(GEMINI))
         events = capture_log_events(self)
         for other in (
             Membership.in_directory(self.directory, "other", "redis://127.0.0.1:6379/0"),
-            Membership.in_directory(self.directory, "openclaw", "redis://10.0.0.2:6379/0"),
             Membership.in_directory(self.directory, "openclaw", "redis://127.0.0.1:6379/1"),
         ):
             self.assertIsNone(other.read())
-        said = [formatEvent(e) for e in events if "records another cluster" in formatEvent(e)]
-        self.assertEqual(len(said), 3, said)
+        said = [formatEvent(e) for e in events if "counts as a new one" in formatEvent(e)]
+        self.assertEqual(len(said), 2, said)
+        self.assertIn("records cluster openclaw on redis://127.0.0.1:6379/0, not openclaw in database 1", said[1])
 
     def test_unreadable_not_read(self) -> None:
         """
@@ -925,7 +929,7 @@ class MembershipRecord(TestCase):
         said = [formatEvent(e) for e in events if "ignoring" in formatEvent(e)]
         self.assertEqual(len(said), 2, said)
         path.rmdir()
-        path.write_text(json.dumps({"cluster_name": "openclaw", "store": self.membership.store, "route": ["x"]}))
+        path.write_text(json.dumps({"cluster_name": "openclaw", "database": 0, "route": ["x"]}))
         self.assertEqual(self.membership.read(), Recorded(None))
 
     def test_unwritable_said(self) -> None:

@@ -4,7 +4,12 @@ the route it last served there: a small file in C{STATE_DIR}
 (L{MEMBERSHIP_FILE}) naming the cluster (C{CLUSTER_NAME}), its store
 (L{store_identity}: C{REDIS_URL}'s server and database, no credentials)
 and that route, written when the instance is in step and whenever the
-cluster's route changes.
+cluster's route changes.  It counts for the same cluster when it names the
+same C{CLUSTER_NAME} and Redis database: the server is recorded for the
+operator, not compared (one server has many names, C{localhost} and
+C{127.0.0.1}: recheck s41, where a name written another way made a
+restarted instance serve its own route), so an instance moved to another
+Redis waits once, for nothing, rather than never.
 
 It holds nothing secret and decides nothing on its own: at start, an
 instance that finds it (for the same cluster and store) and then finds the
@@ -88,6 +93,7 @@ class Membership:
     path: Path
     cluster_name: str
     store: str
+    database: int = 0
     writer: FileWriter | None = None
     _log = Logger()
 
@@ -95,15 +101,17 @@ class Membership:
     def in_directory(
         cls, directory: Path, cluster_name: str, redis_url: str, writer: FileWriter | None = None
     ) -> Membership:
-        return cls(directory / MEMBERSHIP_FILE, cluster_name, store_identity(redis_url), writer)
+        return cls(
+            directory / MEMBERSHIP_FILE, cluster_name, store_identity(redis_url), redis_database(redis_url) or 0, writer
+        )
 
     def read(self) -> Recorded | None:
         """
         What the file says of an earlier run in step with this cluster
-        (the same name, on the same store); None when it says nothing of
-        one: no file, one that cannot be read or trusted (logged), or one
-        of another cluster or store (logged: this instance will not wait
-        for a write-back).  Blocking (a read of at most
+        (the same name, in the same Redis database); None when it says
+        nothing of one: no file, one that cannot be read or trusted
+        (logged), or one of another cluster or database (logged: this
+        instance will not wait for a write-back).  Blocking (a read of at most
         L{MAX_MEMBERSHIP_BYTES}), at start; never raises.
         """
         try:
@@ -119,15 +127,17 @@ class Membership:
             return None
         if not isinstance(document, dict):
             document = {}
-        named = (document.get("cluster_name"), document.get("store"))
-        if named != (self.cluster_name, self.store):
-            self._log.info(
-                "{path} records another cluster ({named}), not {cluster} on {store}: this instance counts as a new "
-                "one (it will not wait for the cluster's state to be written back into an empty store)",
+        named = (document.get("cluster_name"), document.get("database"))
+        if named != (self.cluster_name, self.database):
+            self._log.warn(
+                "{path} records cluster {named} on {recorded}, not {cluster} in database {database}: this instance "
+                "counts as a new one (it will not wait for the cluster's state to be written back into an empty "
+                "store)",
                 path=str(self.path),
-                named=" on ".join(str(name) for name in named),
+                named=named[0],
+                recorded=document.get("store"),
                 cluster=self.cluster_name,
-                store=self.store,
+                database=self.database,
             )
             return None
         return Recorded(_route(document.get("route")))
@@ -145,6 +155,7 @@ class Membership:
             {
                 "cluster_name": self.cluster_name,
                 "store": self.store,
+                "database": self.database,
                 "route": {"provider": route.provider_id, "model": route.model},
             }
         )
