@@ -108,8 +108,10 @@ class ParseRequestTests(TestCase):
         for argv in (("--url", "ws://h:1", "--token", "T", "ping"), ("--token", "T", "ping", "--url", "ws://h:1")):
             self.assertEqual(self.parse(*argv, environ=environ).url, "ws://h:1")
         self.assertEqual(self.parse("--token", "T", "ping", environ={"OPENCLAW_URL": ""}).url, "ws://127.0.0.1:18789")
-        with self.assertRaises(ctl.UsageError):
+        with self.assertRaises(ctl.UsageError) as caught:
             self.parse("--token", "T", "ping", environ={"OPENCLAW_URL": "http://x"})
+        # Named as given (review s41: "--url", which was not).
+        self.assertTrue(str(caught.exception).startswith("OPENCLAW_URL 'http://x'"), str(caught.exception))
 
     def test_health_check_waits_longer(self):
         self.assertEqual(self.parse("--token", "T", "health-check").timeout, 30.0)
@@ -241,12 +243,14 @@ class ParseRequestTests(TestCase):
             self.patch(sys, "stderr", stderr)
             exited = self.assertRaises(SystemExit, self.parse, "--token", "T", "consumer", "create", "a", option, bad)
             self.assertEqual(exited.code, 2, (option, bad))
+            # Why, as the settings say it (review s41: only the range).
+            self.assertIn("without '_'" if "_" in bad else "in ASCII digits", stderr.getvalue())
         for bad in ("1_0", "\u0661\u0660"):
             stderr = io.StringIO()
             self.patch(sys, "stderr", stderr)
             exited = self.assertRaises(SystemExit, self.parse, "--token", "T", "--timeout", bad, "ping")
             self.assertEqual(exited.code, 2, bad)
-            self.assertIn("not a number of seconds", stderr.getvalue())
+            self.assertIn("without '_'" if "_" in bad else "in ASCII digits", stderr.getvalue())
 
     def test_tiny_spend_shows(self):
         """

@@ -996,6 +996,12 @@ class FileSafetyTests(SynchronousTestCase):
         message = str(caught.exception)
         self.assertIn("line 2 is not UTF-8 (byte 0xe9); save the file as UTF-8", message)
         self.assertNotIn("0123456789abcdef", message)
+        # Past the decoder's first block (8 KiB), the line still counted
+        # in the whole file (review s41: line 73 for line 301).
+        env_file.write_bytes(b"LOG_LEVEL=info\n" * 300 + b"X=caf\xe9\n")
+        with self.assertRaises(ConfigError) as caught:
+            self.load(env_file=str(env_file))
+        self.assertIn("line 301 is not UTF-8", str(caught.exception))
 
     def test_byte_order_mark(self) -> None:
         """

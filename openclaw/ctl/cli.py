@@ -33,13 +33,25 @@ from openclaw.ctl.request import (
 )
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
 from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, holds_a_token
+from openclaw.settings.errors import InvalidValue
 from openclaw.settings.permissions import open_to_others
 from openclaw.settings.values import numeral
 
 
+def _written(text: str) -> str:
+    """
+    C{text} if written as people write a number (L{numeral}); else an
+    argparse error saying why.
+    """
+    try:
+        return numeral(text)
+    except InvalidValue as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+
+
 def _positive_seconds(text: str) -> float:
     try:
-        seconds = float(numeral(text))
+        seconds = float(_written(text))
     except ValueError:
         seconds = 0.0
     if not seconds > 0 or seconds == float("inf"):
@@ -238,7 +250,7 @@ def _whole_or_none(text: str) -> Any:
     if text.strip().lower() == CLEAR:
         return CLEARED
     try:
-        value = int(numeral(text))
+        value = int(_written(text))
     except ValueError:
         value = 0
     if not 0 < value <= MAX_PER_MINUTE:
@@ -252,7 +264,7 @@ def _usd_or_none(text: str) -> Any:
     if text.strip().lower() == CLEAR:
         return CLEARED
     try:
-        value = float(numeral(text))
+        value = float(_written(text))
     except ValueError:
         value = -1.0
     # NaN and infinities fail the range; -0 its sign.
@@ -456,15 +468,15 @@ def token_file_warning(token_file: Path) -> str | None:
     return open_to_others(token_file, mode, f"the token file {token_file}") or None
 
 
-def _check_url(url: str) -> None:
+def _check_url(url: str, named: str = "--url") -> None:
     path = unix_socket_path(url)
     if path is not None:
         if not path:
-            raise UsageError(f"--url {url!r} names no socket; use e.g. unix:/run/openclaw/control.sock")
+            raise UsageError(f"{named} {url!r} names no socket; use e.g. unix:/run/openclaw/control.sock")
         size = len(os.fsencode(path))
         if size > MAX_UNIX_PATH_BYTES:
             raise UsageError(
-                f"--url {url!r}: the socket path is {size} bytes long, and a UNIX socket's is at most "
+                f"{named} {url!r}: the socket path is {size} bytes long, and a UNIX socket's is at most "
                 f"{MAX_UNIX_PATH_BYTES} (unix(7)); the gateway cannot be listening there: give its --listen "
                 "unix: path"
             )
@@ -473,7 +485,7 @@ def _check_url(url: str) -> None:
         parse_url(url)
     except ValueError as e:
         raise UsageError(
-            f"--url {url!r}: {e}; use e.g. {DEFAULT_URL}, wss://host:port or unix:/run/openclaw/control.sock"
+            f"{named} {url!r}: {e}; use e.g. {DEFAULT_URL}, wss://host:port or unix:/run/openclaw/control.sock"
         ) from None
 
 
@@ -565,11 +577,13 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         if suggestion is not None:
             malformed.parser.exit(2, suggestion + "\n")
         malformed.parser.fail(malformed.message + dash_hint(malformed.message, argv, malformed.parser.prog))
+    named = "--url"
     if args.url is None:
         # As OPENCLAW_TOKEN gives the token: a gateway on another port or
         # host without --url on every call (operator trial s41).
         args.url = environ.get(URL_VARIABLE, "").strip() or DEFAULT_URL
-    _check_url(args.url)
+        named = URL_VARIABLE if environ.get(URL_VARIABLE, "").strip() else named
+    _check_url(args.url, named)
     if args.cafile is not None and not args.url.startswith("wss:"):
         raise UsageError("--cafile is only for wss:// URLs")
     token = choose_token(args.token, args.token_file, environ)

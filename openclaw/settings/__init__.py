@@ -632,13 +632,8 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
         # utf-8-sig: a byte-order mark some editors write first is no part
         # of the first name (it made GATEWAY_API_KEYS an unknown setting).
         return RepositoryEnv(str(path), encoding=ENV_FILE_ENCODING), EnvFile(path, what)
-    except UnicodeDecodeError as e:
-        # Which line, never the bytes (a secret's may be among them).
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise ConfigError(
-            f"cannot read env file {str(path)!r}: line {line} is not UTF-8 (byte {e.object[e.start]:#04x}); save "
-            "the file as UTF-8 (iconv -f latin1 -t utf-8, or your editor's encoding setting)"
-        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(_not_utf8(path)) from None
     except PermissionError as e:
         raise ConfigError(
             f"cannot read env file {str(path)!r} ({e.strerror}): the gateway's user, {named_uid(os.geteuid())}, "
@@ -647,6 +642,28 @@ def _open_repository(env_file: str | None, cwd: Path) -> tuple[RepositoryEmpty, 
         ) from None
     except OSError as e:
         raise ConfigError(f"cannot read env file {str(path)!r}: {e}") from None
+
+
+def _not_utf8(path: Path) -> str:
+    """
+    Why the env file at C{path}, which a UTF-8 decoder refused, cannot be
+    read: the line of its first byte that is not UTF-8 (counted in the
+    whole file: the decoder's own offset is within the block it read),
+    never the bytes (a secret's may be among them).
+    """
+    raw = path.read_bytes()
+    try:
+        raw.decode(ENV_FILE_ENCODING)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        byte = f"{raw[e.start]:#04x}"
+    else:
+        line, byte = 0, "?"  # changed since: said without a line
+    where = f"line {line}" if line else "it"
+    return (
+        f"cannot read env file {str(path)!r}: {where} is not UTF-8 (byte {byte}); save the file as UTF-8 "
+        "(iconv -f <its encoding> -t utf-8, or your editor's encoding setting)"
+    )
 
 
 def secret_settings(declared: Iterable[type[ProviderAdapter]]) -> frozenset[str]:
