@@ -237,8 +237,7 @@ def makeService(
                 providers=BUILTIN_PROVIDERS,
                 daemon=not foreground(twistd_options),
             )
-            if os.geteuid() == 0:
-                settings = attrs.evolve(settings, warnings=(*settings.warnings, RUNS_AS_ROOT))
+            settings = with_root_warning(settings, os.geteuid())
         # Every check that needs nothing on disk comes first: a refusal
         # leaves no lock, database or log behind (L{_make_files}).
         _check_token_file(settings)
@@ -509,6 +508,17 @@ RUNS_AS_ROOT = (
     "run it as a user of its own (systemd's User=, as contrib/openclaw.service does, or runuser -u openclaw -- "
     "twistd ...; README: Running as a daemon)"
 )
+
+
+def with_root_warning(settings: Settings, euid: int) -> Settings:
+    """
+    C{settings}, with L{RUNS_AS_ROOT} among its warnings when C{euid} (the
+    process's effective user id) is root's: said on the terminal and in
+    the log as the others are (L{_say_warnings}).
+    """
+    if euid != 0:
+        return settings
+    return attrs.evolve(settings, warnings=(*settings.warnings, RUNS_AS_ROOT))
 
 
 def _say_warnings(settings: Settings, twistd_options: Mapping[str, Any]) -> None:

@@ -14,13 +14,14 @@ from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.components import proxyForInterface
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import Route
 from openclaw.service import GatewayService, StartRefused
 from openclaw.settings import Settings
 from openclaw.state import RouteStore
+from openclaw.tap import RUNS_AS_ROOT, with_root_warning
 from tests.support import RecordingEndpoint, capture_log_events, start_gateway
 
 
@@ -183,3 +184,16 @@ class StopRecordingReactor(proxyForInterface(IGatewayReactor)):  # type: ignore[
 
     def stop(self) -> None:
         self.stops.append(None)
+
+
+class RootWarningTests(SynchronousTestCase):
+    def test_root_warned(self) -> None:
+        """
+        Started as root, the gateway warns (on the terminal and in its
+        log, as every settings warning: operator trial s41, nothing did);
+        as any other user, not.
+        """
+        settings = Settings(warnings=("an earlier warning",))
+        self.assertEqual(with_root_warning(settings, 0).warnings, ("an earlier warning", RUNS_AS_ROOT))
+        self.assertIs(with_root_warning(settings, 1000), settings)
+        self.assertIn("run it as a user of its own", RUNS_AS_ROOT)

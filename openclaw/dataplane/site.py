@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import typing
 from collections.abc import Iterable
-from typing import Any, cast, get_args
+from typing import Any, assert_never, cast, get_args
 from urllib.parse import urlsplit
 
 import attrs
@@ -1689,7 +1689,10 @@ class APILimits:
             return self.max_connections_per_address
         if reason == "api_keyless_connections_per_address":
             return self.keyless_per_address
-        return max(self.keyless_per_address, self.max_connections // 2)
+        if reason == "api_keyless_share":
+            # Half the connections, or one address's share if that is more.
+            return max(self.keyless_per_address, self.max_connections // 2)
+        assert_never(reason)
 
     @classmethod
     def from_settings(cls, settings: Settings, descriptors: int | None = None) -> APILimits:
@@ -1877,7 +1880,7 @@ class APISite(Site):
             connection.abort()
             self._refused("api_keyless_connections_per_address", address)
             return
-        if self.keyless_total >= max(self.limits.keyless_per_address, self.limits.max_connections // 2):
+        if self.keyless_total >= self.limits.limit("api_keyless_share"):
             self._evict(next(iter(self._keyless_order)), "api_keyless_share")
         self._count_keyless(connection, 1)
 
