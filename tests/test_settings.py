@@ -164,12 +164,21 @@ class LoadTests(SynchronousTestCase):
             ("http://[::1%25lo]:8/v1", "has a zone"),
             ("http://[fe80::1%eth0]/v1", "has a zone"),
             ("http://[::1]8080/v1", "comes ':' and a port"),
+            # Without brackets (recheck s41: "port could not be cast to
+            # integer").
+            ("http://::1:8080/v1", "an IPv6 address goes in brackets"),
         ):
             self.environ["GEMINI_BASE_URL"] = value
             self.assertConfigError("GEMINI_BASE_URL=", said)
             with self.assertRaises(ConfigError) as caught:
                 self.load()
             self.assertNotIn("Pa55w0rdSecret", str(caught.exception))
+        # The scheme's advice only where the scheme is wrong (recheck s41:
+        # it ended every refusal).
+        self.environ["GEMINI_BASE_URL"] = "http://127.0.0.1:99999/v1"
+        with self.assertRaises(ConfigError) as caught:
+            self.load()
+        self.assertNotIn("http:// or https://", str(caught.exception))
         self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
         self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
         # A scheme in any case (RFC 3986 section 3.1), given in lower case.

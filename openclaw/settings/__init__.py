@@ -802,7 +802,9 @@ class _Reader:
             if name in self.secret_names:
                 raise ConfigError(f"{name} ({self.source(name)}) is invalid: {hint or e}") from None
             shown = _without_credentials(str(raw))
-            why = f"{e}; " if isinstance(e, InvalidValue) else ""
+            # What is wrong, then the setting's hint (none: the reason says
+            # what to do).
+            why = (f"{e}; " if hint else str(e)) if isinstance(e, InvalidValue) else ""
             if _TRAILING_COMMENT.search(str(raw)):
                 hint = f"{hint} ({_COMMENT_IS_VALUE})"
             raise ConfigError(f"{name}={shown!r} ({self.source(name)}) is invalid: {why}{hint}") from None
@@ -938,7 +940,7 @@ def _read_provider(reader: _Reader, adapter: type[ProviderAdapter], ids: Sequenc
     pool = tuple(dict.fromkeys(((key,) if key else ()) + more))
     base_url = adapter.default_base_url
     for variable in (adapter.base_url_variable, *adapter.base_url_aliases):
-        url = reader.read(variable, _url, None, "use an http:// or https:// URL")
+        url = reader.read(variable, _url, None, "")
         if url is not None:
             base_url = url
             break

@@ -559,14 +559,16 @@ def _url(text: str) -> str:
     A provider's base URL: C{http://} or C{https://} (in any case, given
     back in lower case: RFC 3986 section 3.1), a host (a name, an IPv4
     address, or an IPv6 one in brackets, without a zone), an optional
-    port, a path; without the final C{/}.
+    port, a path; without the final C{/}.  Parsed as treq parses it
+    (hyperlink's L{URL}), so that what is taken here is what the gateway
+    connects to.
 
-    @raise ValueError: anything else, with what is wrong: a user or
-        password (the provider's key has a setting of its own, and a URL
-        is echoed in errors), a query or fragment (the gateway appends the
-        API's paths), a port out of range, no host, an IPv6 zone (C{%25lo},
-        which treq's URLs refuse), anything after an IPv6 address's C{]}
-        but C{:port}.
+    @raise InvalidValue: anything else, with what is wrong: another scheme,
+        a user or password (the provider's key has a setting of its own,
+        and a URL is echoed in errors), a query or fragment (the gateway
+        appends the API's paths), a port out of range, no host, an IPv6
+        address without brackets, or with a zone (C{%25lo}, which treq's
+        URLs refuse), anything after an IPv6 address's C{]} but C{:port}.
     """
     text = text.strip()
     if "@" in text:
@@ -575,36 +577,37 @@ def _url(text: str) -> str:
             "it holds '@': a user or password, which a provider's base URL never carries "
             "(its key has a setting of its own)"
         )
-    try:
-        parts = urlsplit(text)
-        port = parts.port
-    except ValueError as e:
-        # A bracket left open, a port that is not a number or out of range.
-        raise InvalidValue(f"it is not a URL ({str(e)[:1].lower()}{str(e)[1:]})") from None
-    if parts.scheme not in ("http", "https") or text[: len(parts.scheme) + 3].lower() != f"{parts.scheme}://":
-        raise ValueError
-    text = f"{parts.scheme}{text[len(parts.scheme) :]}"
-    host = parts.hostname
-    if not host:
-        raise InvalidValue("it names no host")
-    if any(c.isspace() or not c.isprintable() for c in host):
-        raise InvalidValue("its host holds a space or control character")
-    if parts.netloc.startswith("["):
-        if "%" in host:
+    scheme, separator, rest = text.partition("://")
+    if not separator or scheme.lower() not in ("http", "https"):
+        raise InvalidValue("use an http:// or https:// URL")
+    text = f"{scheme.lower()}://{rest}"
+    authority = rest.split("/", 1)[0]
+    if authority.startswith("["):
+        if "%" in authority:
             raise InvalidValue(
                 "its IPv6 address has a zone (%...), which the gateway's HTTP client cannot connect with; "
                 "use a global or loopback address, or a host name"
             )
-        if not _BRACKETED.fullmatch(parts.netloc):
+        if "]" not in authority:
+            raise InvalidValue("it is not a URL: its IPv6 address's '[' is not closed by ']'")
+        if not _BRACKETED.fullmatch(authority.split("?", 1)[0].split("#", 1)[0]):
             raise InvalidValue("after an IPv6 address's ']' comes ':' and a port, or nothing")
+    elif authority.count(":") > 1:
+        raise InvalidValue("an IPv6 address goes in brackets: http://[::1]:8000/v1")
     try:
-        URL.from_text(text)
+        url = URL.from_text(text)
     except URLParseError as e:
-        # What treq's URLs (and the redaction of the address) take.
-        raise InvalidValue(f"its host is not one the gateway's HTTP client takes ({e})") from None
-    if port == 0:
+        # A bracket left open, a port that is not a number.
+        raise InvalidValue(f"it is not a URL ({e})") from None
+    if not url.host:
+        raise InvalidValue("it names no host")
+    if any(c.isspace() or not c.isprintable() for c in url.host):
+        raise InvalidValue("its host holds a space or control character")
+    if url.port == 0:
         raise InvalidValue("port 0 is not a port to connect to")
-    if parts.query or parts.fragment or "?" in text or "#" in text:
+    if url.port is not None and not 1 <= url.port <= 65535:
+        raise InvalidValue(f"port out of range: {url.port} (a port is 1 to 65535)")
+    if url.query or url.fragment or "?" in text or "#" in text:
         raise InvalidValue("the gateway appends the API's paths to it: leave out ?query and #fragment")
     return text.rstrip("/")
 
