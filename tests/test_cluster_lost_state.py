@@ -533,6 +533,11 @@ class LostState(TestCase):
         for _ in range(2):
             self.clock.advance(10)
         self.assertTrue(any("holds a route and token this instance does not know" in formatEvent(e) for e in events))
+        # Said as another value at the same version (recheck s41: "version
+        # 1 where this instance knew version 1").
+        said = [formatEvent(e) for e in events if "writing back" in formatEvent(e)]
+        self.assertTrue(said, "no write-back said")
+        self.assertTrue(all("another" in line and "at the version this instance knows" in line for line in said), said)
         self.assert_agree(GEMINI, jti, self.a, self.b, c)
         self.b.stop()
         again = self.node("b")

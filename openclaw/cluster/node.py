@@ -1178,15 +1178,27 @@ class ClusterNode:
         one version above both; fires with what was written.
         """
         known = self._known(name) or 0
-        self._log.warn(
-            "the cluster store holds {name} version {version} (written by {origin}) where this instance knew "
-            "version {known}: the store lost the cluster's state (restarted empty, flushed or evicted); "
-            "writing back the {name} this instance knows",
-            name=name,
-            version=held.version,
-            origin=held.origin or "an unknown instance",
-            known=known,
-        )
+        if held.version == known:
+            # The same version, another value (recheck s41: "version 1
+            # where this instance knew version 1" read as no loss at all).
+            self._log.warn(
+                "the cluster store holds another {name} at the version this instance knows ({version}, written by "
+                "{origin}): the store lost the cluster's state (restarted empty, flushed or evicted) and another "
+                "instance wrote its own; writing back the {name} this instance knows, set earlier",
+                name=name,
+                version=held.version,
+                origin=held.origin or "an unknown instance",
+            )
+        else:
+            self._log.warn(
+                "the cluster store holds {name} version {version} (written by {origin}) where this instance knew "
+                "version {known}: the store lost the cluster's state (restarted empty, flushed or evicted); "
+                "writing back the {name} this instance knows",
+                name=name,
+                version=held.version,
+                origin=held.origin or "an unknown instance",
+                known=known,
+            )
 
         document = json.loads(mine)
         document["restored"] = True
