@@ -329,11 +329,12 @@ def _planted(path: Path) -> Path:
     return path
 
 
-def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) -> Any:
+def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path, *more: str) -> Any:
     """
     C{twistd -n openclaw} run as L{NOBODY} with C{token_file} and
-    C{state} as its TOKEN_FILE and STATE_DIR, in C{base}; fires with its
-    output, errors and exit status.
+    C{state} as its TOKEN_FILE and STATE_DIR, and C{more} arguments after
+    openclaw's own, in C{base}; fires with its output, errors and exit
+    status.
     """
     return getProcessOutputAndValue(
         setpriv,
@@ -343,30 +344,25 @@ def _gateway_as_nobody(setpriv: str, base: Path, token_file: Path, state: Path) 
             "--clear-groups",
             twistd_path(),
             *_gateway_args(token_file, state),
-        ],
-        env=gateway_env(HOME=str(base)),
-        path=str(base),
-    )
-
-
-def _gateway_as_nobody_with(setpriv: str, base: Path, state: Path, *more: str) -> Any:
-    """
-    L{_gateway_as_nobody} with C{more} arguments after openclaw's own, and
-    no TOKEN_FILE: its output, errors and exit status.
-    """
-    return getProcessOutputAndValue(
-        setpriv,
-        [
-            f"--reuid={NOBODY}",
-            f"--regid={NOBODY}",
-            "--clear-groups",
-            twistd_path(),
-            *_gateway_args(state / "token", state),
             *more,
         ],
         env=gateway_env(HOME=str(base)),
         path=str(base),
     )
+
+
+def _nobody_directories(testcase: Any, prefix: str) -> tuple[Path, Path]:
+    """
+    A directory others may enter (removed when the test ends), and in it
+    a state directory of L{NOBODY}'s own, mode 0700.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    testcase.addCleanup(shutil.rmtree, base, True)
+    base.chmod(0o755)
+    state = base / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, NOBODY, NOBODY)
+    return base, state
 
 
 def _as_nobody() -> str:
@@ -401,16 +397,11 @@ class EnvFileOfAnotherUserTests(TestCase):
     @inlineCallbacks
     def test_unreadable_env_file(self) -> Any:
         setpriv = _as_nobody()
-        base = Path(tempfile.mkdtemp(prefix="oc-envfile-"))
-        self.addCleanup(shutil.rmtree, base, True)
-        base.chmod(0o755)
-        state = base / "state"
-        state.mkdir(mode=0o700)
-        os.chown(state, NOBODY, NOBODY)
+        base, state = _nobody_directories(self, "oc-envfile-")
         env_file = base / "openclaw.env"
         env_file.write_text("LOG_LEVEL=info\n")
         env_file.chmod(0o600)
-        out, err, code = yield _gateway_as_nobody_with(setpriv, base, state, "--env-file", str(env_file))
+        out, err, code = yield _gateway_as_nobody(setpriv, base, state / "token", state, "--env-file", str(env_file))
         self.assertEqual(code, 2, (out, err))
         self.assertNotIn(b"Traceback", out + err)
         (line,) = err.decode().splitlines()
@@ -433,12 +424,7 @@ class TokenFilePlantedTests(TestCase):
     @inlineCallbacks
     def test_planted_empty_token_file(self) -> Any:
         setpriv = _as_nobody()
-        base = Path(tempfile.mkdtemp(prefix="oc-planted-"))
-        self.addCleanup(shutil.rmtree, base, True)
-        base.chmod(0o755)
-        state = base / "state"
-        state.mkdir(mode=0o700)
-        os.chown(state, NOBODY, NOBODY)
+        base, state = _nobody_directories(self, "oc-planted-")
         sticky = _sticky_directory(base)
         token_file = _planted(sticky / "token")
         out, err, code = yield _gateway_as_nobody(setpriv, base, token_file, state)
