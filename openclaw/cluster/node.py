@@ -11,7 +11,7 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
  - an instance that has never been in step with the cluster (just
    started) proposes its configured route and a fresh token at version 1,
    set only if the store holds none, and otherwise takes what it holds;
-   but when the store holds neither and the instance was in step with
+   but when the store lacks either and the instance was in step with
    this cluster in an earlier run (L{ClusterNode.was_in_step}: a file in
    C{STATE_DIR}), or instances in step are alive (their heartbeats), the
    store lost the state: it first waits, up to
@@ -575,10 +575,10 @@ class ClusterNode:
         run (L{openclaw.cluster.membership.Membership.record}).
     @ivar was_in_step: this instance was in step with this cluster in an
         earlier run (L{openclaw.cluster.membership.Membership.read}, read
-        at start): should it find the store holding neither route nor
-        token while it has never been in step in this run, the store lost
-        them, and it waits up to L{write_back_grace} for an instance in
-        step to write them back before it proposes its own.
+        at start): should it find the store without the route or the
+        token (or both) while it has never been in step in this run, the
+        store lost them, and it waits up to L{write_back_grace} for an
+        instance in step to write them back before it proposes its own.
     @ivar write_back_grace: how long (seconds) that wait lasts at most:
         a heartbeat interval (the instances in step notice a flush at
         their next heartbeat), the reconnection backoff's cap (they notice
@@ -644,9 +644,10 @@ class ClusterNode:
         #: This instance has been up (in step) in this run.
         self._been_up = False
         self.write_back_grace = HEARTBEAT_INTERVAL_SECONDS + self._retry_max + 2 * timeout
-        #: When (C{reactor.seconds}) this instance, never in step, first
-        #: found the store empty while it waited for a write-back
-        #: (L{_awaits_write_back}); None when it does not wait.
+        #: When (C{reactor.seconds}) this instance, not yet in step in
+        #: this run, first found the store without the route or token it
+        #: waits to be written back (L{_awaits_write_back}), since the
+        #: store was last reached; None when it does not wait.
         self._empty_since: float | None = None
         self.up = False
         self.up_since = reactor.seconds()
