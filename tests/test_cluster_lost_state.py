@@ -34,6 +34,7 @@ from openclaw.cluster.node import (
     decode_token,
     encode_route,
     encode_token,
+    is_restored,
     provenance,
 )
 from openclaw.cluster.store import Versioned
@@ -321,83 +322,39 @@ class LostState(TestCase):
             self.clock.advance(1)
         self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
 
-    def test_provenance_kept_through_a_write_back(self) -> None:
+    def test_written_back_said_as_such(self) -> None:
         """
-        The route and token records name who switched and issued them
-        (C{by}), kept when another instance writes them back: the logs say
-        so (cluster trial s40: they named the instance that wrote them
-        back as the one that switched).
+        A route or token another instance wrote back after the store lost
+        them is logged as written back by it, not as switched or issued
+        there (cluster trial s40: the writer-back was named the switcher).
         """
         self.successResultOf(self.a.switch(Route("kimi", "k-1")))
         self.successResultOf(self.a.rotate(self.a.sessions.mint()))
-        self.a.lost()
-        self.b.lost()
-        self.store.flush()
-        self.b.connected()
-        for name, made in ((ROUTE, "switched on"), (TOKEN, "issued on")):
-            held = self.store.values[name]
-            document = json.loads(held.value)
-            self.assertEqual((held.origin, document["by"]), ("b", "a"), name)
-            self.assertEqual(provenance(document, held, made), f"{made} a, written back by b")
         events = capture_log_events(self)
-        self.a.connected()
-        c = self.node("c")
-        c.connected()
-        self.successResultOf(self.b.switch(Route("gemini", "g-2")))
-        said = [formatEvent(e) for e in events if "applied the cluster's route gemini/g-2" in formatEvent(e)]
-        self.assertTrue(said and all("switched on b)" in line for line in said), said)
-        # A record of an earlier version (no "by"): its writer, or who
-        # wrote it back.
+        self.newcomer_first()
+        for name in (ROUTE, TOKEN):
+            held = self.store.values[name]
+            self.assertTrue(is_restored(json.loads(held.value)), name)
+            self.assertEqual(provenance(json.loads(held.value), held, "issued on"), f"written back by {held.origin}")
+        said = [formatEvent(e) for e in events if "applied the cluster's route kimi/k-1" in formatEvent(e)]
+        self.assertTrue(said and all("written back by" in line for line in said), said)
         old = Versioned(3, encode_route(GEMINI, 1.0), "x")
         self.assertEqual(provenance(json.loads(old.value), old, "switched on"), "switched on x")
-        back = Versioned(3, encode_route(GEMINI, 1.0, restored=True), "x")
-        self.assertEqual(provenance(json.loads(back.value), back, "switched on"), "written back by x")
-
-    def test_one_key_lost(self) -> None:
-        """
-        Trial s41: only the token (or only the route) lost, an eviction or
-        a DEL, with the instances in step running: a restarted instance
-        waits for it to be written back rather than propose its own (it
-        printed a token of its own, and the operators' was "revoked" on
-        it, for 3 to 5 s), then takes the cluster's.
-        """
-        self.a.start()
-        self.b.start()
-        self.addCleanup(self.a.stop)
-        self.addCleanup(self.b.stop)
-        self.successResultOf(self.a.switch(Route("kimi", "k-1")))
-        jti = self.a.sessions.current.jti
-        for name in (TOKEN, ROUTE):
-            del self.store.values[name]
-            d = self.node(f"d-{name}")
-            d.was_in_step = True
-            d.connected()
-            self.assertNotIn(name, self.store.values)
-            self.assertFalse(d.up)
-            self.assertIsNone(d.sessions.current_or_none)
-            self.assertGreater(d.awaiting_write_back or 0, 0)
-            # Out of reach meanwhile: the wait is for the store again.
-            d.lost()
-            self.assertIsNone(d.awaiting_write_back)
-            d.connected()
-            for _ in range(11):
-                self.clock.advance(1)
-            self.assert_agree(Route("kimi", "k-1"), jti, self.a, self.b, d)
-            self.assertIsNone(d.awaiting_write_back)
 
     def test_fields_of_a_later_version_compared_for_nothing(self) -> None:
         """
-        A route record that differs from the one held only in a field this
-        version does not compare (a later version's, a C{by} of another
-        type) is the same record: no reload, no line, at every heartbeat
-        (review s41: whole records were compared, and an instance of an
-        earlier version reloaded every 10 s once a new one had switched).
+        A route record that differs from the one held only in how it is
+        written (a field this version does not write, C{"restored": false}
+        written out) is the same record: no reload, no line, at every
+        heartbeat (review s41: whole records were compared, and each reload
+        beat again at once, in a loop).
         """
         self.a.start()
         self.addCleanup(self.a.stop)
         self.successResultOf(self.a.switch(Route("kimi", "k-1")))
         held = self.store.values[ROUTE]
-        for extra in ({"future": 1}, {"by": 7}):
+        held_at = json.loads(held.value)["at"]
+        for extra in ({"future": 1}, {"by": 7}, {"restored": False}, {"at": held_at + 0.0}):
             document = {**json.loads(held.value), **extra}
             self.store.values[ROUTE] = Versioned(held.version, json.dumps(document), held.origin)
             events = capture_log_events(self)
@@ -405,6 +362,21 @@ class LostState(TestCase):
             said = [formatEvent(e) for e in events if "does not know" in formatEvent(e)]
             self.assertEqual(said, [], extra)
             self.assertEqual(self.a.route.current, Route("kimi", "k-1"))
+
+    def test_disagreement_left_costs_a_reload_a_heartbeat(self) -> None:
+        """
+        Should a heartbeat's look find a record it cannot agree with however
+        it reloads (a fault of some version's), it reloads once a
+        heartbeat, never in a loop (review s41: each reload beat again at
+        once: 7,000 lines in 12 s against a real store).
+        """
+        self.a.start()
+        self.addCleanup(self.a.stop)
+        self.patch(self.a, "_replaced", lambda name, held: True)
+        events = capture_log_events(self)
+        self.clock.advance(30)
+        said = [formatEvent(e) for e in events if "does not know" in formatEvent(e)]
+        self.assertTrue(1 <= len(said) <= 3, said)
 
     def test_outage_during_the_wait(self) -> None:
         """

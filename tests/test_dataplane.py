@@ -735,11 +735,13 @@ class StreamFailureTests(DataPlaneTestCase):
 
         started = reactor.seconds()
         chunks = yield deferToThread(consume)
-        self.assertLess(reactor.seconds() - started, 10)
+        # Well within UPSTREAM_TIMEOUT (30), with room for a loaded host
+        # (a CI run beside two helpers took 13.7 s; 2 s when quiet).
+        self.assertLess(reactor.seconds() - started, 20)
         self.assertEqual([c.choices[0].finish_reason for c in chunks if c.choices][-1], "stop")
         self.assertEqual(chunks[-1].usage.prompt_tokens, 10)
         yield self.upstream.gemini.when_streams_lost(1)
-        self.assertLess(reactor.seconds() - started, 10)
+        self.assertLess(reactor.seconds() - started, 20)
         self.assertEqual(
             "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), self.upstream.gemini.reply
         )

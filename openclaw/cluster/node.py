@@ -277,14 +277,12 @@ class _Adoption:
     @ivar at: that version's record's C{at} (L{record_at}).
     @ivar restored: whether that version's record was written back
         (L{is_restored}).
-    @ivar by: that version's record's C{by} (L{record_by}).
     """
 
     flight: InFlight[None]
     version: int
     at: float | None
     restored: bool
-    by: str | None = None
 
 
 def _databases(databases: tuple[int, ...]) -> str:
@@ -308,23 +306,21 @@ def describe(error: object, timeout: float) -> str:
     return str(error) or repr(error)
 
 
-def encode_route(route: Route, at: float | None = None, restored: bool = False, by: str | None = None) -> str:
+def encode_route(route: Route, at: float | None = None, restored: bool = False) -> str:
     """
     The cluster's record of C{route}: a JSON object of C{provider},
     C{model} and, unless C{None}, C{at}, when the route was set (POSIX
     seconds: by a C{switch_provider}, or by the instance that proposed it
     to an empty store), for the same-version tie-break (L{route_rank});
-    C{"restored": true} when it was written back after the store lost it
-    (L{is_restored}); and, unless C{None}, C{by}, the instance that set it
-    (kept when another writes it back: L{provenance}).
+    and C{"restored": true} when it was written back after the store lost
+    it (L{is_restored}).  No other field: an instance of an earlier
+    version compares records whole.
     """
     document: dict[str, object] = {"provider": route.provider_id, "model": route.model}
     if at is not None:
         document["at"] = at
     if restored:
         document["restored"] = True
-    if by is not None:
-        document["by"] = by
     return json.dumps(document)
 
 
@@ -341,49 +337,36 @@ def is_restored(document: dict[str, Any]) -> bool:
 
 def provenance(document: dict[str, Any], versioned: Versioned, made: str) -> str:
     """
-    Who made the decoded route or token record C{document} (read as
+    Who wrote the decoded route or token record C{document} (read as
     C{versioned}), for the log: C{"<made> <instance>"} (C{"switched on
-    vm-1"}), the instance its C{by} names (else the one that wrote it),
-    and, when another instance wrote it back after the store lost the
-    state, C{", written back by <instance>"}: the instance that wrote it
-    back did not switch or issue it (cluster trial s40).
+    vm-1"}), or, for one written back after the store lost the state
+    (L{is_restored}), C{"written back by <instance>"}: the instance that
+    wrote it back did not switch or issue it (cluster trial s40).
     """
     origin = versioned.origin or "an unknown instance"
-    by = record_by(document)
-    if by is None:
-        return f"written back by {origin}" if is_restored(document) else f"{made} {origin}"
-    if by != versioned.origin:
-        return f"{made} {by}, written back by {origin}"
-    return f"{made} {by}"
+    if is_restored(document):
+        return f"written back by {origin}"
+    return f"{made} {origin}"
 
 
-#: The fields of a route or token record that say which one it is: any
-#: other (C{by}, a field a later version adds) is said, never compared.
-IDENTITY_FIELDS = ("provider", "model", "token", "jti", "iat", "exp", "at", "restored")
-
-
-def record_identity(document: Any) -> tuple[Any, ...] | Any:
+def record_identity(name: str, document: dict[str, Any]) -> tuple[object, ...]:
     """
-    What two route or token records (decoded) are compared by
-    (L{IDENTITY_FIELDS}): two that differ only in another field, C{by}
-    or one a later version adds, are the same record (review s41: an
-    instance reloaded at every heartbeat a record with a field it did not
-    write).  Anything but an object is compared whole.
+    What two decoded records of C{name} are compared by: what an instance
+    makes of them (a route's provider and model as strings, a token's
+    C{jti}; their C{at} and whether written back, L{record_at},
+    L{is_restored}), never the JSON as written: a record with a field this
+    version does not write, or C{"restored": false} written out, is the
+    same record (review s41: it made every instance reload, and a reload
+    beat at once, in a loop).  One whose C{at} is no number is itself
+    alone.
     """
-    if not isinstance(document, dict):
-        return document
-    return tuple(document.get(name) for name in IDENTITY_FIELDS)
-
-
-def record_by(document: dict[str, Any]) -> str | None:
-    """
-    The C{by} of a decoded route or token record (L{encode_route},
-    L{encode_token}): the instance that set or issued it; C{None} for a
-    record without one (written by an earlier version) or one that is not
-    a string.
-    """
-    by = document.get("by")
-    return by if isinstance(by, str) else None
+    try:
+        at = record_at(document)
+    except TypeError:
+        return (name, "unreadable", json.dumps(document, sort_keys=True, default=str))
+    if name == ROUTE:
+        return (str(document.get("provider")), str(document.get("model")), at, is_restored(document))
+    return (document.get("jti"), at, is_restored(document))
 
 
 def record_at(document: dict[str, Any]) -> float | None:
@@ -420,7 +403,7 @@ def route_rank(value: str) -> tuple[float, str, str]:
     return (0.0 if at is None else at, str(document["provider"]), str(document["model"]))
 
 
-def encode_token(token: SessionToken, at: float | None = None, restored: bool = False, by: str | None = None) -> str:
+def encode_token(token: SessionToken, at: float | None = None, restored: bool = False) -> str:
     """
     The cluster's record of C{token}: a JSON object of C{token}, C{jti},
     C{iat} and C{exp} (POSIX seconds, as in the JWT), unless C{None}
@@ -428,10 +411,8 @@ def encode_token(token: SessionToken, at: float | None = None, restored: bool = 
     seconds: written by a C{rotate_token} or a renewal, or first proposed
     to an empty store; the JWT's C{iat} has whole seconds), for the
     same-version tie-break
-    (L{token_rank}); C{"restored": true} when it was written back after
-    the store lost it (L{is_restored}); and, unless C{None}, C{by}, the
-    instance that issued it (kept when another writes it back:
-    L{provenance}).
+    (L{token_rank}); and C{"restored": true} when it was written back after
+    the store lost it (L{is_restored}).  No other field (L{encode_route}).
     """
     document: dict[str, object] = {
         "token": token.token,
@@ -443,8 +424,6 @@ def encode_token(token: SessionToken, at: float | None = None, restored: bool = 
         document["at"] = at
     if restored:
         document["restored"] = True
-    if by is not None:
-        document["by"] = by
     return json.dumps(document)
 
 
@@ -672,10 +651,6 @@ class ClusterNode:
         #: written back after a loss (L{is_restored}).
         self._route_restored = False
         self._token_restored = False
-        #: Who set the route and issued the token this instance holds
-        #: (their records' C{by}: L{record_by}).
-        self._route_by: str | None = None
-        self._token_by: str | None = None
         self._connected = False
         #: A failed reload was logged: the next ones are not, until one works.
         self._reload_failing = False
@@ -763,7 +738,6 @@ class ClusterNode:
                 self.route.current,
                 self._route_at,
                 self._route_restored,
-                self._route_by,
             )
         adopting = tuple(sorted((jti, adoption.version) for jti, adoption in self._adopting.items()))
         return (
@@ -771,7 +745,6 @@ class ClusterNode:
             self.sessions.current_or_none,
             self._token_at,
             self._token_restored,
-            self._token_by,
             self._foreign_token,
             adopting,
         )
@@ -895,8 +868,8 @@ class ClusterNode:
                 if current is None:
                     proposal = current = self.sessions.mint() if proposal is None else proposal
                 if TOKEN in self.versions:
-                    return encode_token(current, self._token_at, self._token_restored, self._token_by)
-                return encode_token(current, self._now(), by=self.instance)
+                    return encode_token(current, self._token_at, self._token_restored)
+                return encode_token(current, self._now())
 
             mine, token = yield self._read_fresh(TOKEN, my_token)
             if self._outranks(TOKEN, mine, token):
@@ -958,8 +931,14 @@ class ClusterNode:
         # holds from its first connection.
         yield self._reload_expiring()
         if self._connected:
+            coming_up = not self.up
             self._set_up(True)
-            self.beat()
+            if coming_up:
+                # Counted among the instances at once.  Not after a reload
+                # a heartbeat asked for, already up: the next heartbeat
+                # looks again, so that a disagreement left costs a reload a
+                # heartbeat, never a loop (review s41).
+                self.beat()
 
     @property
     def awaiting_write_back(self) -> float | None:
@@ -1061,8 +1040,8 @@ class ClusterNode:
         cluster's record says, or now if it has never been in step.
         """
         if ROUTE not in self.versions:
-            return encode_route(self._proposed_route(), self._now(), by=self.instance)
-        return encode_route(self.route.current, self._route_at, self._route_restored, self._route_by)
+            return encode_route(self._proposed_route(), self._now())
+        return encode_route(self.route.current, self._route_at, self._route_restored)
 
     def _proposed_route(self) -> Route:
         """
@@ -1097,7 +1076,7 @@ class ClusterNode:
         """
         try:
             if name == ROUTE:
-                return record_identity(json.loads(held)) != record_identity(json.loads(self._mine(ROUTE)))
+                return record_identity(ROUTE, json.loads(held)) != record_identity(ROUTE, json.loads(self._mine(ROUTE)))
             current = self.sessions.current_or_none
             if current is None or self._foreign_token is not None:
                 return False
@@ -1124,7 +1103,7 @@ class ClusterNode:
         ours = json.loads(mine)
         if not isinstance(theirs, dict):
             return True  # nothing any instance can apply
-        if record_identity(theirs) == record_identity(ours):
+        if record_identity(name, theirs) == record_identity(name, ours):
             return False
         if name == ROUTE:
             if held.version < known:
@@ -1244,7 +1223,7 @@ class ClusterNode:
             fresh=fresh.jti,
         )
         replaced: Deferred[Versioned] = self.store.replace(
-            TOKEN, expired.jti, encode_token(fresh, self._now(), by=self.instance), self.instance, known
+            TOKEN, expired.jti, encode_token(fresh, self._now()), self.instance, known
         )
         return replaced
 
@@ -1459,7 +1438,6 @@ class ClusterNode:
             raise ValueError(f"its {refusal}")
         self._route_at = record_at(document)
         self._route_restored = is_restored(document)
-        self._route_by = record_by(document)
         first = ROUTE not in self.versions
         self.versions[ROUTE] = versioned.version
         previous = self.route.switch(route)
@@ -1514,7 +1492,6 @@ class ClusterNode:
             self.versions[TOKEN] = versioned.version
             self._token_restored = is_restored(document)
             self._token_at = at
-            self._token_by = record_by(document)
             return succeed(None)
         try:
             self.sessions.check(token)
@@ -1526,7 +1503,6 @@ class ClusterNode:
             self.versions[TOKEN] = versioned.version
             self._token_restored = is_restored(document)
             self._token_at = at
-            self._token_by = record_by(document)
             return succeed(None)
         adoption = self._adopting.get(token.jti)
         if adoption is not None:
@@ -1534,11 +1510,8 @@ class ClusterNode:
                 # The same token written back (one version above): the
                 # version recorded once adopted.
                 adoption.version, adoption.at, adoption.restored = versioned.version, at, is_restored(document)
-                adoption.by = record_by(document)
             return adoption.flight.observe()
-        adoption = self._adopting[token.jti] = _Adoption(
-            InFlight(), versioned.version, at, is_restored(document), record_by(document)
-        )
+        adoption = self._adopting[token.jti] = _Adoption(InFlight(), versioned.version, at, is_restored(document))
 
         def adopted(_: object) -> None:
             # Not recorded below a version recorded meanwhile: the reload
@@ -1546,7 +1519,6 @@ class ClusterNode:
             self.versions[TOKEN] = max(adoption.version, self.versions.get(TOKEN, 0))
             self._token_restored = adoption.restored
             self._token_at = adoption.at
-            self._token_by = adoption.by
             self._schedule_renewal(token)
             self._on_token(token, here, provenance(document, versioned, "issued on"))
 
@@ -1614,7 +1586,7 @@ class ClusterNode:
             could not say whether it was written.
         """
         previous = self.route.current
-        return self._write(ROUTE, encode_route(route, self._now(), by=self.instance)).addCallback(lambda _: previous)
+        return self._write(ROUTE, encode_route(route, self._now())).addCallback(lambda _: previous)
 
     def fence(self) -> Deferred[None]:
         """
@@ -1645,7 +1617,7 @@ class ClusterNode:
             the other instances), but its TOKEN_FILE here could not be
             written: this instance keeps the previous token until it can.
         """
-        return self._write(TOKEN, encode_token(token, self._now(), by=self.instance)).addCallback(lambda _: token)
+        return self._write(TOKEN, encode_token(token, self._now())).addCallback(lambda _: token)
 
     def _write(self, name: str, value: str) -> Deferred[None]:
         """
