@@ -167,6 +167,16 @@ class LoadTests(SynchronousTestCase):
             # Without brackets (recheck s41: "port could not be cast to
             # integer").
             ("http://::1:8080/v1", "an IPv6 address goes in brackets"),
+            # Taken by hyperlink, then looked up by name, or failing at
+            # every request (review 2 s41).
+            ("http://[evil.example]/v1", "goes an IPv6 address alone"),
+            ("http://[v1.x]/v1", "goes an IPv6 address alone"),
+            ("http://h:1_0/v1", "not written in ASCII digits"),
+            ("http://h:+80/v1", "not written in ASCII digits"),
+            ("http://h:\u0668\u0660/v1", "not written in ASCII digits"),
+            ("http://%68ost/v1", "neither a name"),
+            ("http://a..b/v1", "neither a name"),
+            ("http://h;x/v1", "neither a name"),
         ):
             self.environ["GEMINI_BASE_URL"] = value
             self.assertConfigError("GEMINI_BASE_URL=", said)
@@ -181,6 +191,10 @@ class LoadTests(SynchronousTestCase):
         self.assertNotIn("http:// or https://", str(caught.exception))
         self.environ["GEMINI_BASE_URL"] = "http://[::1]:8080/gemini/v1beta/"
         self.assertEqual(self.load().providers["gemini"].base_url, "http://[::1]:8080/gemini/v1beta")
+        # A name with '_', an international one, a trailing dot: taken.
+        for taken in ("http://kimi_proxy:8000/v1", "http://m\u00fcnchen.example/v1", "http://api.example./v1"):
+            self.environ["GEMINI_BASE_URL"] = taken
+            self.assertEqual(self.load().providers["gemini"].base_url, taken)
         # A scheme in any case (RFC 3986 section 3.1), given in lower case.
         self.environ["GEMINI_BASE_URL"] = "HTTPS://Example.com/v1beta"
         self.assertEqual(self.load().providers["gemini"].base_url, "https://Example.com/v1beta")

@@ -550,6 +550,9 @@ def _without_credentials(text: str) -> str:
     return f"{scheme}{separator}{rest}{'?***' if query else ''}{'#***' if fragment else ''}"
 
 
+#: An ASCII host name: labels of letters, digits, C{-} and C{_}, between
+#: dots (an IPv4 address is one too).
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
 #: A bracketed IPv6 authority: the address, then nothing or C{:port}.
 _BRACKETED = re.compile(r"\[[^\]]*\](?::[0-9]*)?")
 
@@ -594,15 +597,43 @@ def _url(text: str) -> str:
             raise InvalidValue("after an IPv6 address's ']' comes ':' and a port, or nothing")
     elif authority.count(":") > 1:
         raise InvalidValue("an IPv6 address goes in brackets: http://[::1]:8000/v1")
+    port_text = authority.rpartition("]")[2] if authority.startswith("[") else authority
+    if ":" in port_text and not _DIGITS.fullmatch(port_text.rpartition(":")[2].split("?", 1)[0].split("#", 1)[0]):
+        # int() takes "1_0", " 80", "+80" and other scripts' digits: no
+        # port anyone meant, and not the one shown (review 2 s41).
+        raise InvalidValue("its port is not written in ASCII digits (0-9) alone")
     try:
         url = URL.from_text(text)
     except URLParseError as e:
         # A bracket left open, a port that is not a number.
         raise InvalidValue(f"it is not a URL ({e})") from None
-    if not url.host:
+    host = url.host
+    if not host:
         raise InvalidValue("it names no host")
-    if any(c.isspace() or not c.isprintable() for c in url.host):
+    if any(c.isspace() or not c.isprintable() for c in host):
         raise InvalidValue("its host holds a space or control character")
+    if authority.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            # hyperlink takes [name] and [v1.x], which treq then looks up
+            # by name (review 2 s41).
+            raise InvalidValue("between '[' and ']' goes an IPv6 address alone") from None
+    elif host.isascii():
+        if not _HOST_NAME.fullmatch(host.removesuffix(".")):
+            # A percent-encoded, empty-labelled or punctuated host that
+            # every request would then fail on (review 2 s41).
+            raise InvalidValue(
+                "its host is neither a name (letters, digits, '-', '_' and dots between labels) nor an address: "
+                "write the host's name itself"
+            )
+    else:
+        try:
+            url.to_uri()
+        except (ValueError, UnicodeError) as e:
+            # What treq does with an international name before every
+            # request (IDNA, RFC 5891).
+            raise InvalidValue(f"its host is no name the gateway's HTTP client can look up ({e})") from None
     if url.port == 0:
         raise InvalidValue("port 0 is not a port to connect to")
     if url.port is not None and not 1 <= url.port <= 65535:
