@@ -908,6 +908,9 @@ class MembershipRecord(TestCase):
         path.rmdir()
         path.write_text(json.dumps({"cluster_name": "openclaw", "database": 0, "route": ["x"]}))
         self.assertEqual(self.membership.read(), Recorded(None))
+        # A record without "database" (an earlier form): its store's "/N".
+        path.write_text(json.dumps({"cluster_name": "openclaw", "store": "redis://127.0.0.1:6379/0"}))
+        self.assertEqual(self.membership.read(), Recorded(None))
 
     def test_unwritable_said(self) -> None:
         """

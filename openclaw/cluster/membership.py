@@ -9,7 +9,9 @@ same C{CLUSTER_NAME} and Redis database: the server is recorded for the
 operator, not compared (one server has many names, C{localhost} and
 C{127.0.0.1}: recheck s41, where a name written another way made a
 restarted instance serve its own route), so an instance moved to another
-Redis waits once, for nothing, rather than never.
+Redis, empty, waits once (17 s by default) rather than never, and then
+proposes the route it last served in the old one (not DEFAULT_PROVIDER's):
+remove the file to start such an instance as a new one.
 
 It holds nothing secret and decides nothing on its own: at start, an
 instance that finds it (for the same cluster and store) and then finds the
@@ -127,7 +129,13 @@ class Membership:
             return None
         if not isinstance(document, dict):
             document = {}
-        named = (document.get("cluster_name"), document.get("database"))
+        database = document.get("database")
+        recorded_store = document.get("store")
+        if database is None and isinstance(recorded_store, str):
+            # A record of this session's first form: its store's "/N".
+            tail = recorded_store.rpartition("/")[2]
+            database = int(tail) if tail.isascii() and tail.isdigit() else None
+        named = (document.get("cluster_name"), database)
         if named != (self.cluster_name, self.database):
             self._log.warn(
                 "{path} records cluster {named} on {recorded}, not {cluster} in database {database}: this instance "
