@@ -18,7 +18,7 @@ from twisted.internet.defer import gatherResults, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from twisted.web.client import ResponseNeverReceived
 
 from openclaw.providers import (
@@ -28,7 +28,7 @@ from openclaw.providers import (
     UnknownProvider,
 )
 from openclaw.providers.errors import REDACTED, Scrubber, describe_failure
-from openclaw.providers.fetch import upstream_message
+from openclaw.providers.fetch import ProviderURL, upstream_message
 from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
 from openclaw.providers.keys import fingerprint
 from openclaw.settings import Settings
@@ -174,6 +174,24 @@ class HealthyTests(ProviderTestCase):
             self.assertEqual((entry["ok"], entry["status"], entry["models"]), (True, 200, 4), entry)
         ids = yield registry.get("gemini").list_models()
         self.assertEqual(ids, upstream.gemini.models)
+
+
+class ProviderURLTests(SynchronousTestCase):
+    def test_hosts_left_as_they_are(self) -> None:
+        """
+        An address host, and an ASCII name IDNA refuses (a container's name
+        with '_'), are left as they are on the way to treq, which made
+        every listing of such a base URL fail locally (hyperlink's IDNA:
+        python-hyper/hyperlink#188); an international name is
+        IDNA-encoded; the path and query are encoded as hyperlink does.
+        """
+        for given, sent in (
+            ("http://kimi_proxy:8000/v1/models?a=b c", "http://kimi_proxy:8000/v1/models?a=b%20c"),
+            ("http://[::1]:8000/v1/models", "http://[::1]:8000/v1/models"),
+            ("http://127.0.0.1:8000/v1/m\u00e9", "http://127.0.0.1:8000/v1/m%C3%A9"),
+            ("http://m\u00fcnchen.example/v1", "http://xn--mnchen-3ya.example/v1"),
+        ):
+            self.assertEqual(ProviderURL.from_text(given).to_uri().to_text(), sent)
 
 
 class UnnameableIdsTests(ProviderTestCase):

@@ -175,12 +175,15 @@ class ProviderURL(EncodedURL):
     A provider URL as treq is given it.  treq makes every URL a URI with
     hyperlink's C{to_uri}, which IDNA-encodes the host, and fails for an
     IPv6 address such as C{::1} (python-hyper/hyperlink#188; IDNA applies
-    to names only, RFC 5890): here an address host is left as it is, the
-    rest of the URL (path, the query treq adds) encoded as hyperlink does.
+    to names only, RFC 5890) and for an ASCII name IDNA refuses but DNS
+    and the chat calls take (C{kimi_proxy}, a container's name with C{_}):
+    here such a host is left as it is (an ASCII name needs no encoding),
+    the rest of the URL (path, the query treq adds) encoded as hyperlink
+    does; an international name is IDNA-encoded.
     """
 
     def to_uri(self) -> EncodedURL:
-        if ":" not in self.host:
+        if not self.host or (":" not in self.host and not self.host.isascii()):
             return super().to_uri()
         return super().replace(host="").to_uri().replace(host=self.host)
 
