@@ -23,6 +23,12 @@ import attrs
 #: and C{openclawctl --url unix:PATH}.
 MAX_UNIX_PATH_BYTES = 107
 
+#: How often the files the gateway holds open in STATE_DIR (and its token
+#: file's lock) are checked to be still at their paths, in seconds: the
+#: lock files (L{openclaw.service.HeldLocks}), the consumers' SQLite database
+#: (L{openclaw.consumers.service.ConsumersService}).
+FILES_CHECK_SECONDS = 2.0
+
 
 def named_uid(uid: int) -> str:
     """

@@ -632,7 +632,7 @@ ACCEPT_ERROR_INTERVAL_SECONDS = 60.0
 #: The namespace of the data plane's line for each finished API request
 #: (L{openclaw.dataplane.context.APIContext.completed}).
 DATAPLANE_NAMESPACE = "openclaw.dataplane"
-#: The metrics listener's log namespace (L{openclaw.dataplane.site}).
+#: The metrics listener's log namespace (L{openclaw.dataplane.metrics_site}).
 METRICS_NAMESPACE = "openclaw.metrics"
 #: The field that marks the data plane's line for a request refused
 #: without an accepted key (C{True}; absent on every other line): a 4xx,

@@ -69,7 +69,7 @@ def boot_clock() -> float:
     stopped or the host suspended (Linux's C{CLOCK_BOOTTIME},
     clock_gettime(2)), else C{CLOCK_MONOTONIC}: a suspended host's wall
     clock, right when it resumes, is then not taken for one stepped
-    forward (L{openclaw.service.UsagePurge}, L{add_deadline}).
+    forward (L{openclaw.consumers.service.UsagePurge}, L{add_deadline}).
     """
     return time.clock_gettime(BOOT_CLOCK)
 

@@ -13,7 +13,7 @@ from twisted.web.http import RESPONSES
 from twisted.web.iweb import IRequest
 
 #: The C{Server} field of every answer (RFC 9110 section 10.2.4), the API's
-#: and C{/metrics}' (L{openclaw.dataplane.site}) and the control plane's
+#: and C{/metrics}' (L{openclaw.dataplane.head.SERVER_FIELD}) and the control plane's
 #: handshake (L{openclaw.control.protocol}): the product alone, where
 #: twisted.web's and Autobahn's defaults name their versions.
 SERVER_NAME = "openclaw"

@@ -25,7 +25,7 @@ from openclaw.addresses import (
     peer_host,
     without_port,
 )
-from openclaw.dataplane.site import client_address
+from openclaw.dataplane.head import client_address
 from openclaw.listeners import Listener, check_free
 
 

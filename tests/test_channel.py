@@ -24,14 +24,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 from zope.interface import implementer
 
 import openclaw
-from openclaw.dataplane.site import (
-    CLOSE_DEADLINE_SECONDS,
-    KEYLESS_GRACE_SECONDS,
-    APIConnection,
-    APILimits,
-    APIRequest,
-    APISite,
-)
+from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS, KEYLESS_GRACE_SECONDS, APIConnection
+from openclaw.dataplane.site import APILimits, APIRequest, APISite
 from openclaw.settings import Settings
 from tests.support import exchange
 

@@ -32,7 +32,7 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web import http
 
-from openclaw.dataplane.site import METRICS_MAX_CONNECTIONS
+from openclaw.dataplane.metrics_site import METRICS_MAX_CONNECTIONS
 from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway, start_metrics_listener
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO

@@ -22,7 +22,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
-from openclaw.dataplane.site import KEYLESS_GRACE_SECONDS
+from openclaw.dataplane.connection import KEYLESS_GRACE_SECONDS
 from tests.support import open_many, start_gateway, start_upstream, still_open
 
 KEY = "gw-key-0123456789abcdef"

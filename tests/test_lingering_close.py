@@ -1,6 +1,6 @@
 """
 Early refusals reach a client still sending its body (a lingering close,
-L{openclaw.dataplane.site.APIConnection.close_lingering}), bounded in time
+L{openclaw.dataplane.connection.APIConnection.close_lingering}), bounded in time
 and bytes; and every API answer carries an C{x-request-id}, logged with its
 call.
 
@@ -21,7 +21,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
-from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS, LINGER_QUIET_SECONDS
+from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS, LINGER_QUIET_SECONDS
 from tests.support import capture_log_events, start_gateway
 from tests.test_dataplane import HELLO, DataPlaneTestCase
 

@@ -44,7 +44,7 @@ from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
 from openclaw import tap
-from openclaw.dataplane.site import CLOSE_DEADLINE_SECONDS
+from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService, StartRefused
@@ -1706,7 +1706,7 @@ class TLSCapsTests(TestCase):
 
     @inlineCallbacks
     def test_caps_close_at_once(self):
-        from openclaw.dataplane.site import METRICS_MAX_CONNECTIONS
+        from openclaw.dataplane.metrics_site import METRICS_MAX_CONNECTIONS
 
         def hold(port: int, count: int) -> list[bool]:
             """

@@ -14,7 +14,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase as SyncTestCase
 
 from openclaw.dataplane.errors import APIError
-from openclaw.dataplane.site import raw_error_response
+from openclaw.dataplane.head import raw_error_response
 from openclaw.providers.errors import UpstreamHTTPError
 from openclaw.web import reason_phrase
 from tests.support import exchange

@@ -25,11 +25,11 @@ from twisted.python.components import proxyForInterface
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
+from openclaw.consumers.service import ConsumersService
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import Route
 from openclaw.service import (
     ClusterService,
-    ConsumersService,
     GatewayService,
     HeldLocks,
     ListeningService,

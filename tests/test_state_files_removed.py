@@ -24,9 +24,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers.service import warn_rescued_copies
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
-from openclaw.files import PidLock
-from openclaw.service import FILES_CHECK_SECONDS, HeldLocks, warn_rescued_copies
+from openclaw.files import FILES_CHECK_SECONDS, PidLock
+from openclaw.service import HeldLocks
 from tests.support import capture_log_events
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO

@@ -1,6 +1,6 @@
 """
 The hourly purge of usage rows older than USAGE_RETENTION_DAYS
-(L{openclaw.service.usage_purger}): a purge that fails is logged, saying
+(L{openclaw.consumers.service.usage_purger}): a purge that fails is logged, saying
 what to check, and tried again at the next interval; one that deletes
 rows says so; a wall clock set far forward does not make it delete the
 rows younger than USAGE_RETENTION_DAYS (trial s33 F2); usage rows dated
@@ -21,14 +21,14 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.consumers.model import NO_CONSUMER
-from openclaw.consumers.store import ConsumerStore, UsageRow
-from openclaw.service import (
+from openclaw.consumers.service import (
     CLOCK_STEP_SECONDS,
     USAGE_PURGE_SECONDS,
     UsagePurge,
     check_usage_dates,
     usage_purger,
 )
+from openclaw.consumers.store import ConsumerStore, UsageRow
 from openclaw.stalls import BOOT_CLOCK, boot_clock
 from tests.support import capture_log_events
 

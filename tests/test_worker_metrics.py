@@ -52,7 +52,7 @@ from openclaw.cluster.scrape import (
     remove_socket_directory,
     socket_directory_problem,
 )
-from openclaw.dataplane.site import MetricsRoot, MetricsSite
+from openclaw.dataplane.metrics_site import MetricsRoot, MetricsSite
 from openclaw.providers.fetch import read_body
 from openclaw.service import GatewayService, ListeningService
 from openclaw.settings import ConfigError, Settings

@@ -9,5 +9,7 @@ and usage in a real database.
  - L{openclaw.consumers.limits}: the per-minute windows and the period's spend;
  - L{openclaw.consumers.table}: the in-memory table the data plane checks,
    and the accounting after each call;
- - L{openclaw.consumers.commands}: the control-plane commands.
+ - L{openclaw.consumers.commands}: the control-plane commands;
+ - L{openclaw.consumers.service}: the database while the gateway runs
+   (opened and loaded at start, old usage purged, closed at stop).
 """

@@ -608,7 +608,7 @@ class StoreNotStarted(Exception):
     """
     The consumers' store was used before its pool was made
     (L{ConsumerStore.start}; the gateway's: when its consumers start,
-    L{openclaw.service.ConsumersService}), or started again once closed.
+    L{openclaw.consumers.service.ConsumersService}), or started again once closed.
     """
 
 
@@ -721,7 +721,7 @@ class ConsumerStore:
         @param start: make its pool of connections now (L{start}: its
             threads start once the reactor runs); C{False}: nothing is
             made, or asked of the reactor, until L{start} (the gateway's,
-            when its consumers start: L{openclaw.service.ConsumersService}).
+            when its consumers start: L{openclaw.consumers.service.ConsumersService}).
         @raise UnusableDatabaseFile: that SQLite file cannot be used
             (L{sqlite_file}; only with C{check_file}).
         """

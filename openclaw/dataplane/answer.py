@@ -49,7 +49,7 @@ CUT_STATUS: Mapping[str, int] = MappingProxyType(
 class SendDeadline(Protocol):
     """
     What keeps a connection's send deadline
-    (L{openclaw.dataplane.site.APIConnection}).
+    (L{openclaw.dataplane.connection.APIConnection}).
     """
 
     def sending(self, answer: WholeAnswer) -> None:

@@ -1,5 +1,5 @@
 """
-The deadlines of one API connection (L{openclaw.dataplane.site.APIConnection})
+The deadlines of one API connection (L{openclaw.dataplane.connection.APIConnection})
 as a plain object over a clock: which timers run, what each is for, and which
 of the connection's callbacks runs when one is due.  No transport, no
 protocol: the connection passes its events on (a request's head or body in,
