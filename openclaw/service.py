@@ -35,9 +35,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver, Logger, LogLevel
 from twisted.python.failure import Failure
 
+from openclaw.cluster.clock import ClusterClock
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.membership import Membership
-from openclaw.cluster.node import ClusterClock, ClusterNode
+from openclaw.cluster.node import ClusterNode
 from openclaw.cluster.redis import RedisStore, redis_database
 from openclaw.cluster.scrape import (
     OwnMetrics,
@@ -1136,7 +1137,7 @@ class GatewayService(SequentialMultiService):
         The cluster's token C{token} is this instance's now: announced (the
         banner, TOKEN_FILE), and, when another instance wrote it (not
         C{here}), logged with C{source}, who did
-        (L{openclaw.cluster.node.provenance}).
+        (L{openclaw.cluster.records.provenance}).
         """
         if self._waiting_listeners:
             # Announced once listening (L{_synced}): whoever reads the

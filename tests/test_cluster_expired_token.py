@@ -16,7 +16,8 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, TOKEN, ClusterClock, encode_token
+from openclaw.cluster.clock import ClusterClock
+from openclaw.cluster.records import RENEW_AT, TOKEN, encode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority, SessionToken, TokenRejected

@@ -26,17 +26,8 @@ from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.membership import MEMBERSHIP_FILE, Membership, Recorded, store_identity
-from openclaw.cluster.node import (
-    MAX_STALE_READS,
-    ROUTE,
-    TOKEN,
-    WRITE_BACK_POLL_SECONDS,
-    decode_token,
-    encode_route,
-    encode_token,
-    is_restored,
-    provenance,
-)
+from openclaw.cluster.node import MAX_STALE_READS, WRITE_BACK_POLL_SECONDS
+from openclaw.cluster.records import ROUTE, TOKEN, decode_token, encode_route, encode_token, is_restored, provenance
 from openclaw.cluster.store import Versioned
 from openclaw.files import write_atomically
 from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route

@@ -33,8 +33,8 @@ from openclaw.cluster.node import (
     UNAVAILABLE,
     StoreUnconfirmed,
     TokenBehind,
-    encode_token,
 )
+from openclaw.cluster.records import encode_token
 from openclaw.cluster.scrape import WorkerSockets
 from openclaw.cluster.store import Versioned, WriteRefused
 from openclaw.cluster.workers import INSTALLED_AGAIN_STATUS, SETTINGS_FD, WorkerSupervisor, settings_bytes

@@ -10,7 +10,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import encode_route
+from openclaw.cluster.records import encode_route
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
 

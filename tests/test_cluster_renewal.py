@@ -20,7 +20,8 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from openclaw.cluster import ClusterNode, MemoryStore
-from openclaw.cluster.node import RENEW_AT, ROUTE, TOKEN, StoreUnconfirmed, TokenNotAdoptedHere, decode_token
+from openclaw.cluster.node import StoreUnconfirmed, TokenNotAdoptedHere
+from openclaw.cluster.records import RENEW_AT, ROUTE, TOKEN, decode_token
 from openclaw.cluster.store import Versioned
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import SessionAuthority
