@@ -830,6 +830,53 @@ class EmptyArgumentsTests(DataPlaneTestCase):
             self.assertEqual(sent["tool_calls"][0]["id"], "c1")
 
     @inlineCallbacks
+    def test_history_with_empty_turns(self):
+        """
+        The empty assistant turns Gemini answers leave in an agent's history
+        (a prompt it blocked: content "" and a refusal; an answer cut at
+        MAX_TOKENS before any text), taken back after a switch to Kimi:
+        Moonshot refuses an empty assistant message ("must not be empty",
+        as the stand-in does), so the refusal goes as its text and the
+        empty turn is left out (agent trial s42: a 400 on every later
+        turn).  An empty assistant message of the caller's own goes the
+        same way.
+        """
+        gateway = self.gateway()
+        client = self.sdk(gateway)
+        self.upstream.gemini.answers[:] = [
+            GeminiAnswer((), document={"promptFeedback": {"blockReason": "SAFETY"}}),
+            GeminiAnswer((), document={"candidates": [{"finishReason": "MAX_TOKENS", "index": 0}]}),
+        ]
+        history: list[Any] = []
+        for question in ("first", "second"):
+            history.append({"role": "user", "content": question})
+            answer = yield deferToThread(
+                client.chat.completions.create, model="gemini/gemini-2.5-flash", messages=history
+            )
+            history.append(answer.choices[0].message.model_dump(exclude_none=True))
+        self.assertEqual([m.get("content") for m in history[1::2]], ["", ""])
+        self.assertTrue(history[1]["refusal"])
+        history.append({"role": "user", "content": "third"})
+        self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+        answer = yield deferToThread(client.chat.completions.create, model="kimi/moonshot-v1-8k", messages=history)
+        self.assertEqual(answer.choices[0].finish_reason, "stop")
+        sent = self.upstream.kimi.last_body["messages"]
+        self.assertEqual([m["role"] for m in sent], ["user", "assistant", "user", "user"])
+        self.assertEqual(sent[1]["content"], history[1]["refusal"])
+        for content in ("", [{"type": "text", "text": ""}]):
+            messages = [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": content},
+                {"role": "user", "content": "again"},
+            ]
+            for model in ("kimi/moonshot-v1-8k", "gemini/gemini-2.5-flash"):
+                self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+                self.upstream.gemini.answers[:] = [SUNNY]
+                response, text = yield self.post(gateway, {"model": model, "messages": messages})
+                self.assertEqual(response.code, 200, (model, content, text))
+            self.assertEqual([m["role"] for m in self.upstream.kimi.last_body["messages"]], ["user", "user"])
+
+    @inlineCallbacks
     def test_history_with_broken_arguments(self):
         """
         A call whose arguments are no JSON object (Kimi's answer cut at its

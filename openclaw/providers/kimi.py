@@ -333,8 +333,9 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: Its image data URLs are of Moonshot's types (L{MOONSHOT_IMAGE_TYPES});
     #: it takes Moonshot's video_url parts and ms:// file URLs.  Its usage's
     #: cached prompt tokens are also given where OpenAI has them
-    #: (L{moonshot_usage}).  An assistant message with tool calls and an
-    #: empty content goes without it (Moonshot refuses it).
+    #: (L{moonshot_usage}).  An assistant message with an empty content goes
+    #: without it, or, with no tool calls either, as its refusal or not at
+    #: all (Moonshot refuses any empty assistant message).
     wire: ClassVar[Wire] = ReasoningKeptWire(
         thinks=thinks,
         tool_types=(MoonshotBuiltinTools(),),
@@ -345,7 +346,7 @@ class KimiAdapter(OpenAICompatibleAdapter):
         # field Moonshot's API does not document.
         google_extras=False,
         usage_shape=moonshot_usage,
-        empty_call_content=False,
+        empty_assistant_content=False,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(

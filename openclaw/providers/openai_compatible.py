@@ -88,20 +88,26 @@ class OpenAIWire:
     #: given as C{prompt_tokens_details.cached_tokens},
     #: L{moonshot_usage <openclaw.providers.kimi.moonshot_usage>}).
     usage_shape: Callable[[dict[str, Any]], dict[str, Any]] | None = attrs.field(default=None, kw_only=True)
-    #: An assistant message with tool calls and an empty C{content} (C{""},
-    #: or text parts holding none, as many clients write it) is sent as it
-    #: is; off (Kimi's: Moonshot refuses it, "text content is empty",
+    #: An assistant message with an empty C{content} (C{""}, text parts
+    #: holding none, or none at all) is sent as it is; off (Kimi's:
+    #: Moonshot refuses every empty assistant message), one with tool calls
+    #: is sent without C{content} ("text content is empty":
     #: MoonshotAI/kimi-cli#2621 for C{""}, BerriAI/litellm#42186 for the
-    #: parts), it is sent without C{content}, which OpenAI's format allows
-    #: beside C{tool_calls}.
-    empty_call_content: bool = attrs.field(default=True, kw_only=True)
+    #: parts), which OpenAI's format allows beside C{tool_calls}; one
+    #: without, with its C{refusal} as its text when it has one, else left
+    #: out of the history ("the message at position N with role
+    #: 'assistant' must not be empty": AstrBotDevs/AstrBot#7200; such a
+    #: turn is what an answer cut before any text, a blocked prompt or
+    #: thoughts alone leave in an agent's history, a Gemini answer's
+    #: included: agent trial s42).
+    empty_assistant_content: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The caller's body with C{model}, and C{stream_options.include_usage}
         on a stream; an image data URL's type in lower case
-        (L{refuse_image_types}); an assistant message with tool calls
-        without its empty C{content} unless L{empty_call_content}.  The
+        (L{refuse_image_types}); an assistant message without its empty
+        C{content}, or left out, unless L{empty_assistant_content}.  The
         caller's messages are not changed (a copy is sent).
 
         @raise APIError: 400 for an image data URL of a type the API does
@@ -111,13 +117,11 @@ class OpenAIWire:
         if chat.extra_content and not self.google_extras:
             chat = chat.without_google_extras()
         body = {**chat.body, "model": model}
-        if not self.empty_call_content:
+        if not self.empty_assistant_content:
             messages = body["messages"]
-            for message in messages:
-                # Validated: each message is an object.
-                if _empty_text(message.get("content")) and message.get("tool_calls") and message["role"] == "assistant":
-                    body["messages"] = [_without_empty_content(message) for message in messages]
-                    break
+            # Validated: each message is an object.
+            if any(message["role"] == "assistant" and _holds_empty(message) for message in messages):
+                body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
             # client did not (OpenAI's stream_options.include_usage); the
@@ -801,24 +805,36 @@ def _empty_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "text" and part.get("text") == ""
 
 
-def _without_empty_content(message: Any) -> Any:
+def _holds_empty(message: dict[str, Any]) -> bool:
     """
-    C{message}, when an assistant's with tool calls, without its empty
-    text: its empty text parts left out, and C{content} itself when none
-    is left (or it was C{""}).
+    Whether an assistant C{message} has empty text to take out, or is
+    empty (L{_without_empty_content}).
     """
-    if (
-        isinstance(message, dict)
-        and _empty_text(message.get("content"))
-        and message.get("role") == "assistant"
-        and message.get("tool_calls")
-    ):
-        content = message["content"]
-        kept = [part for part in content if not _empty_part(part)] if isinstance(content, list) else []
-        if kept:
-            return {**message, "content": kept}
+    content = message.get("content")
+    if _empty_text(content):
+        return True
+    return not content and not message.get("tool_calls") and not message.get("function_call")
+
+
+def _without_empty_content(message: dict[str, Any]) -> dict[str, Any] | None:
+    """
+    C{message}, when an assistant's, without its empty text: its empty
+    text parts left out, and C{content} itself when none is left (or it
+    was C{""}) and it has tool calls; one left with no content nor calls
+    has its C{refusal} as its text, or is None (left out of the history).
+    """
+    if message.get("role") != "assistant" or not _holds_empty(message):
+        return message
+    content = message.get("content")
+    kept = [part for part in content if not _empty_part(part)] if isinstance(content, list) else []
+    if kept:
+        return {**message, "content": kept}
+    if message.get("tool_calls") or message.get("function_call"):
         return {name: value for name, value in message.items() if name != "content"}
-    return message
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        return {**message, "content": refusal}
+    return None
 
 
 def _with_reasoning(message: Any, placeholder: str) -> Any:

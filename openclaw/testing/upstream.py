@@ -1140,10 +1140,27 @@ def _check_moonshot_content(messages: list[Any]) -> None:
     """
     Refuse what Moonshot refuses: an assistant message with tool calls
     whose content is empty text, C{""} (MoonshotAI/kimi-cli#2621) or a
-    text part holding none (BerriAI/litellm#42186).
+    text part holding none (BerriAI/litellm#42186); an assistant message
+    without tool calls whose content is missing, null, C{""} or parts
+    holding no text ("the message at position N with role 'assistant'
+    must not be empty": AstrBotDevs/AstrBot#7200, lobehub/lobehub#8419).
     """
-    for message in messages:
-        if not isinstance(message, dict) or not message.get("tool_calls"):
+    for position, message in enumerate(messages):
+        if not isinstance(message, dict):
+            continue
+        if message.get("role") == "assistant" and not message.get("tool_calls"):
+            content = message.get("content")
+            if not content or (
+                isinstance(content, list)
+                and not any(
+                    isinstance(part, dict) and (part.get("type") != "text" or part.get("text")) for part in content
+                )
+            ):
+                raise Reject(
+                    400, f"Invalid request: the message at position {position} with role 'assistant' must not be empty"
+                )
+            continue
+        if not message.get("tool_calls"):
             continue
         content = message.get("content")
         parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
