@@ -76,6 +76,7 @@ from openclaw.logs import offer_log_observer
 from openclaw.loops import LoggedStep
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
+from openclaw.providers.keys import rest_subject
 from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
@@ -1056,13 +1057,13 @@ class GatewayService(SequentialMultiService):
         if self.shared_consumers is not None:
             self.shared_consumers.received(instance, consumer)
 
-    def _share_rest(self, provider_id: str, fingerprint: str, seconds: float) -> None:
+    def _share_rest(self, provider_id: str, fingerprint: str, seconds: float, model: str | None) -> None:
         """
-        A key rest decided here, shared with the cluster
-        (L{ClusterNode.rest}).
+        A key rest decided here (for C{model}'s calls; None: all), shared
+        with the cluster (L{ClusterNode.rest}).
         """
         if self.cluster is not None:
-            self.cluster.rest(provider_id, fingerprint, seconds)
+            self.cluster.rest(rest_subject(provider_id, model), fingerprint, seconds)
 
     def _foreign_token(self, error: str) -> None:
         """

@@ -15,7 +15,7 @@ from OpenSSL import SSL
 from twisted.internet import error as neterror
 from twisted.internet import reactor
 from twisted.internet.defer import gatherResults, inlineCallbacks
-from twisted.internet.task import deferLater
+from twisted.internet.task import Clock, deferLater
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -30,7 +30,7 @@ from openclaw.providers import (
 from openclaw.providers.errors import REDACTED, Scrubber, describe_failure
 from openclaw.providers.fetch import ProviderURL, upstream_message
 from openclaw.providers.gemini.adapter import MAX_CACHED_URLS
-from openclaw.providers.keys import fingerprint
+from openclaw.providers.keys import KeyPool, fingerprint, rest_scope, rest_subject
 from openclaw.settings import Settings
 from tests.support import KIMI_AND_GEMINI, changed_providers, start_upstream
 
@@ -581,14 +581,77 @@ class KeyRestTests(ProviderTestCase):
         every key rest of every provider (a cluster shares them), from the
         moment the registry is built.
         """
-        told: list[tuple[str, str, float]] = []
+        told: list[tuple[str, str, float, str | None]] = []
         registry = ProviderRegistry.from_settings(
             Settings(providers=self.upstream.provider_settings()),
             reactor,
-            on_rest=lambda provider, key, seconds: told.append((provider, key, seconds)),
+            on_rest=lambda provider, key, seconds, model: told.append((provider, key, seconds, model)),
         )
         self.addCleanup(registry.close)
         for adapter in registry:
             adapter.keys.rest(adapter.keys.keys[0], 7.0)
-        self.assertEqual(told, [(adapter.id, fingerprint(adapter.keys.keys[0]), 7.0) for adapter in registry])
+        self.assertEqual(told, [(adapter.id, fingerprint(adapter.keys.keys[0]), 7.0, None) for adapter in registry])
         self.assertEqual([adapter.id for adapter in registry], ["kimi", "gemini"])
+
+    def test_gemini_rests_by_model(self) -> None:
+        """
+        Google limits each model apart: a Gemini key answered 429 for one
+        model rests for that model only (its other models, embeddings
+        included, still take calls: agent trial s42, where a 429 on a Pro
+        model kept every Gemini model from every client for the wait),
+        and the rest is told with its model (a cluster shares it so, and
+        takes it back by model).  Moonshot's limits are its account's: a
+        Kimi key rests for every model.
+        """
+        registry = self.registry()
+        self.assertEqual([adapter.keys.rests_by_model for adapter in registry], [False, True])
+        clock = Clock()
+        told: list[tuple[str, str, float, str | None]] = []
+        key = GEMINI_KEY
+        gemini = KeyPool((key,), clock.seconds, "gemini", True, on_rest=lambda *rest: told.append(rest))
+        gemini.rest(key, 30.0, "gemini-2.5-pro")
+        self.assertFalse(gemini.usable(key, "gemini-2.5-pro"))
+        self.assertIsNone(gemini.pick((), "gemini-2.5-pro"))
+        self.assertEqual(gemini.back_in("gemini-2.5-pro"), 30.0)
+        self.assertEqual(gemini.unusable_reason("gemini-2.5-pro"), "rate_limited")
+        self.assertEqual(gemini.available_for("gemini-2.5-pro"), 0)
+        for model in ("gemini-2.5-flash", "gemini-embedding-001", None):
+            self.assertTrue(gemini.usable(key, model))
+            self.assertEqual(gemini.pick((), model), key)
+            self.assertEqual(gemini.available_for(model), 1)
+        self.assertEqual((gemini.available, gemini.back_in()), (1, None))
+        self.assertEqual(gemini.states(), {fingerprint(key): "resting for gemini-2.5-pro"})
+        self.assertEqual(told, [("gemini", fingerprint(key), 30.0, "gemini-2.5-pro")])
+        # Shared from another instance: by model, as told.
+        gemini.rest_shared(fingerprint(key), 60.0, "gemini-2.5-flash")
+        self.assertFalse(gemini.usable(key, "gemini-2.5-flash"))
+        self.assertTrue(gemini.usable(key, "gemini-2.0-flash"))
+        clock.advance(31.0)
+        self.assertTrue(gemini.usable(key, "gemini-2.5-pro"))
+        self.assertFalse(gemini.usable(key, "gemini-2.5-flash"))
+        # A whole key's rest (a models listing's 429) holds every model.
+        gemini.rest(key, 5.0)
+        self.assertFalse(gemini.usable(key, "gemini-2.0-flash"))
+        self.assertEqual(told[-1], ("gemini", fingerprint(key), 5.0, None))
+        # Kimi: the whole key, told without a model.
+        kimi = KeyPool((KIMI_KEY,), clock.seconds, "kimi", on_rest=lambda *rest: told.append(rest))
+        kimi.rest(KIMI_KEY, 5.0, "kimi-k2.5")
+        self.assertFalse(kimi.usable(KIMI_KEY, "moonshot-v1-8k"))
+        self.assertEqual(told[-1], ("kimi", fingerprint(KIMI_KEY), 5.0, None))
+
+    def test_rest_subjects(self) -> None:
+        """
+        A rest by model goes to the cluster as C{<provider>/<model>}, which
+        the registry reads back; an instance of an earlier version takes it
+        for a provider it does not have, and leaves it.
+        """
+        registry = self.registry()
+        gemini = registry.get("gemini").keys
+        self.assertEqual(rest_subject("gemini", "gemini-2.5-pro"), "gemini/gemini-2.5-pro")
+        self.assertEqual(rest_scope(rest_subject("gemini", "a/b:c")), ("gemini", "a/b:c"))
+        self.assertEqual(rest_scope("kimi"), ("kimi", None))
+        registry.rest_key(rest_subject("gemini", "gemini-2.5-pro"), fingerprint(GEMINI_KEY), 60.0)
+        self.assertFalse(gemini.usable(GEMINI_KEY, "gemini-2.5-pro"))
+        self.assertTrue(gemini.usable(GEMINI_KEY, "gemini-2.5-flash"))
+        registry.rest_key("gemini", fingerprint(GEMINI_KEY), 60.0)
+        self.assertFalse(gemini.usable(GEMINI_KEY, "gemini-2.5-flash"))

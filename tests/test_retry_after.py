@@ -165,6 +165,37 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         self.assertEqual(kimi.keys_seen, [KIMI_KEY, second, second])
 
     @inlineCallbacks
+    def test_gemini_rests_by_model(self) -> Any:
+        """
+        A Gemini 429 for one model keeps the key from that model only:
+        another client's call of another Gemini model, or of its
+        embeddings, still goes (agent trial s42: a call of a model of small
+        quota made every Gemini call and embedding a 429 for the wait,
+        FALLBACK off, with no request reaching Google); a call of the
+        model that was refused waits without being sent.
+        """
+        gemini = self.behaviour("gemini")
+        gemini.rate_limited_keys, gemini.retry_after = {self.upstream.gemini.key}, 30
+        gateway = self.gateway(default_provider="gemini", fallback="off")
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-pro", "messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        gemini.rate_limited_keys = set()
+        sent = gemini.requests
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-flash", "messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+        response, text = yield self.post(
+            gateway, {"model": "gemini/gemini-embedding-001", "input": "hi"}, path="/v1/embeddings"
+        )
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(gemini.requests, sent + 2)
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-pro", "messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        self.assertIn(response.headers.getRawHeaders("retry-after"), (["30"], ["29"]))
+        self.assertEqual(gemini.requests, sent + 2)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(json.loads(text)["usable_keys"], 1, text)
+
+    @inlineCallbacks
     def test_wait_for_the_route(self) -> Any:
         """
         When neither the provider nor its fallback can take the call, the

@@ -16,8 +16,9 @@ silent without closing learns what it missed: L{CHANGES});
 three sorted sets scored with expiry times (milliseconds since the epoch,
 on Redis's own clock, C{TIME}): C{instances} (the ids of the instances in
 step with the cluster, each expiring 30 s after its last heartbeat and
-removed when it stops), C{rests} (C{<provider>:<key fingerprint>})
-and C{lockouts} (client keys); one channel, L{cluster_channel}
+removed when it stops), C{rests} (C{<provider>:<key fingerprint>}, or
+C{<provider>/<model>:<key fingerprint>} for a rest of one model's calls:
+L{openclaw.providers.keys.rest_subject}) and C{lockouts} (client keys); one channel, L{cluster_channel}
 (C{<CLUSTER_NAME>:events}, or C{<CLUSTER_NAME>:<db>:events} on a
 database other than 0: Redis's channels are the server's, not a
 database's).

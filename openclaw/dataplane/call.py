@@ -292,11 +292,14 @@ class ChatCall:
         keys = adapter.keys
         if not keys.keys:
             return self._upstream_failed("no_key", provider_not_configured(provider_id, adapter.key_variable))
-        key = keys.pick(avoid=self._tried)
+        model = self.route.model
+        key = keys.pick(self._tried, model)
         if key is None:
-            back_in = keys.back_in()
+            back_in = keys.back_in(model)
             return self._upstream_failed(
-                keys.unusable_reason(), no_usable_key(provider_id, adapter.keys_setting, back_in), resting=back_in
+                keys.unusable_reason(model),
+                no_usable_key(provider_id, adapter.keys_setting, back_in),
+                resting=back_in,
             )
         breaker = adapter.breaker
         trial = breaker.state is BreakerState.HALF_OPEN
@@ -577,7 +580,7 @@ class ChatCall:
         # success, any key holder's bogus model kept the breaker closed
         # (and closed it from half-open) while every real call failed.
         self._settle(CircuitBreaker.abandoned)
-        adapter.note_refusal(key, refusal)
+        adapter.note_refusal(key, refusal, self.route.model)
         if refusal.kind is RefusalKind.RATE_LIMITED:
             return self._another_key("rate_limited", error)
         if refusal.kind is RefusalKind.AUTH:
@@ -594,7 +597,8 @@ class ChatCall:
         (or answer C{error}).
         """
         keys = self.adapter.keys
-        if len(self._tried) == 1 and any(keys.usable(k) for k in keys.keys if k not in self._tried):
+        model = self.route.model
+        if len(self._tried) == 1 and any(keys.usable(k, model) for k in keys.keys if k not in self._tried):
             return self._attempt(self._body)
         return self._upstream_failed(reason, error)
 
@@ -682,7 +686,7 @@ class ChatCall:
                 # No wait told of the fallbacks: why none was tried is.
                 answer = self._not_tried(error)
             return self._fail(answer)
-        model = target.fallback_model or target.default_model
+        model = target.failover_model
         why_not = self._may_not_use(target.id, model)
         if why_not is not None:
             # The fallback's model is the operator's, not named to the key.
@@ -786,13 +790,13 @@ class ChatCall:
             rested = [
                 (adapter.id, wait)
                 for adapter, wait in waits
-                if not adapter.keys.available and self._could_take(adapter)
+                if not adapter.keys.available_for(adapter.failover_model) and self._could_take(adapter)
             ]
             if rested:
                 error = every_key_resting(self.route.provider_id, resting, rested)
             # Those that wait for another reason (an open breaker).
-            waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available]
-        elif breaker is not None and waits and all(adapter.keys.available for adapter, _ in waits):
+            waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available_for(adapter.failover_model)]
+        elif breaker is not None and waits and all(a.keys.available_for(a.failover_model) for a, _ in waits):
             # Every provider the call could go to waits for its breaker too
             # (none rests for a 429): said of them all.
             failing = [(adapter.id, wait) for adapter, wait in waits if self._could_take(adapter)]
@@ -821,12 +825,13 @@ class ChatCall:
         """
         large = self.request_bytes > self.context.bodies.above
         for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id):
-            if adapter.keys.available and adapter.breaker.would_allow():
+            usable = adapter.keys.available_for(adapter.failover_model)
+            if usable and adapter.breaker.would_allow():
                 continue
             if not large and not self._could_take(adapter):
                 continue
             unchecked = "; whether it could take this request was not checked" if large else ""
-            if not adapter.keys.available:
+            if not usable:
                 why = f"every key the gateway holds for it is rate limited for {retry_after_seconds(wait)} s more"
             elif adapter.breaker.state is BreakerState.OPEN:
                 why = (
@@ -857,7 +862,7 @@ class ChatCall:
         says why none was tried (L{_not_tried}): the request is not
         encoded again on the way of a call that goes.
         """
-        model = adapter.fallback_model or adapter.default_model
+        model = adapter.failover_model
         consumers = self.context.consumers
         if consumers is not None and consumers.may_not_use(self.holder, adapter.id, model) is not None:
             return False

@@ -580,7 +580,7 @@ class EmbeddingsCall:
         adapter = self.adapter
         tried: list[str] = []
         while True:
-            call = adapter.pooled_call(avoid=tried)
+            call = adapter.pooled_call(tried, self.parsed.model)
             self.calls.append(call)
             self.sent = sent
             tried.append(call.key)
@@ -598,7 +598,7 @@ class EmbeddingsCall:
             if (
                 error.refusal.kind in (RefusalKind.RATE_LIMITED, RefusalKind.AUTH)
                 and len(tried) == 1
-                and any(keys.usable(key) for key in keys.keys if key not in tried)
+                and any(keys.usable(key, self.parsed.model) for key in keys.keys if key not in tried)
             ):
                 continue
             raise error

@@ -454,10 +454,11 @@ class Readyz(APIResource):
         if stale is not None:
             request.setResponseCode(503)
             return json_response(request, {"ready": False, "reason": stale})
-        provider_id = context.route.current.provider_id
+        current = context.route.current
+        provider_id = current.provider_id
         adapter = context.providers.get(provider_id)
         breaker = adapter.breaker.state
-        usable = adapter.keys.available
+        usable = adapter.keys.available_for(current.model)
         document: dict[str, Any] = {
             "ready": True,
             "provider": provider_id,

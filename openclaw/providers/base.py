@@ -242,6 +242,10 @@ class ProviderAdapter(abc.ABC):
     #: for an OpenAI-compatible API, whose C{error.type} is read for every
     #: provider.  Optional.
     error_statuses: ClassVar[Mapping[str, int]] = NO_STATUSES
+    #: The provider limits each model apart, so a 429 rests a key for the
+    #: model called only (L{KeyPool.rests_by_model}); off, for every model
+    #: (an account's limits: Moonshot's).  Optional.
+    rests_by_model: ClassVar[bool] = False
 
     http: HTTPClient = attrs.field(repr=False)
     reactor: IReactorTime = attrs.field(repr=False)
@@ -302,14 +306,14 @@ class ProviderAdapter(abc.ABC):
         reactor: IReactorTime,
         agent: IAgent,
         *,
-        on_rest: Callable[[str, str, float], None] | None = None,
+        on_rest: Callable[[str, str, float, str | None], None] | None = None,
     ) -> Self:
         """
         Build the adapter its entry in C{settings.providers} describes.
 
-        @param on_rest: told (provider id, key fingerprint, seconds) of
-            every key rest its key pool decides (L{KeyPool.on_rest}: a
-            cluster shares them); L{None}: kept here.
+        @param on_rest: told (provider id, key fingerprint, seconds, model
+            or None) of every key rest its key pool decides
+            (L{KeyPool.on_rest}: a cluster shares them); L{None}: kept here.
 
         @raise LookupError: C{settings} holds no entry for this provider (it
             was not among the declarations L{load_settings
@@ -329,7 +333,7 @@ class ProviderAdapter(abc.ABC):
             reactor=reactor,
             base_url=configured.base_url,
             api_key=configured.api_key,
-            keys=KeyPool(configured.keys, reactor.seconds, cls.id, on_rest=on_rest),
+            keys=KeyPool(configured.keys, reactor.seconds, cls.id, cls.rests_by_model, on_rest=on_rest),
             breaker=breaker,
             default_model=configured.model,
             fallback_model=configured.fallback_model,
@@ -572,13 +576,15 @@ class ProviderAdapter(abc.ABC):
         """
         return None
 
-    def note_refusal(self, key: str, refusal: Refusal) -> None:
+    def note_refusal(self, key: str, refusal: Refusal, model: str | None = None) -> None:
         """
-        Tell the key pool what a refusal of a call made with C{key} means,
-        the same for every kind of call (chat, embeddings, a models
-        listing): after a 429 the key rests for the provider's wait
-        (C{Retry-After}, else L{retry_delay}, else
-        L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>});
+        Tell the key pool what a refusal of a call made with C{key} (of
+        C{model}; None: a models listing) means, the same for every kind of
+        call (chat, embeddings, a models listing): after a 429 the key
+        rests for the provider's wait (C{Retry-After}, else L{retry_delay},
+        else L{DEFAULT_REST_SECONDS <openclaw.providers.keys.DEFAULT_REST_SECONDS>}),
+        for C{model} only where the provider limits each model apart
+        (L{rests_by_model});
         refused as invalid (401, or the provider's own rule: L{refusal}) it
         is set aside until a health check finds it good.  A 403 is not taken as
         the key's fault on its own word (it is often about the model named:
@@ -587,7 +593,7 @@ class ProviderAdapter(abc.ABC):
         aside only if its models listing is refused too.
         """
         if refusal.kind is RefusalKind.RATE_LIMITED:
-            self.keys.rest(key, refusal.retry_after)
+            self.keys.rest(key, refusal.retry_after, model)
         elif refusal.kind is RefusalKind.AUTH:
             self.keys.set_aside(key)
         elif refusal.kind is RefusalKind.FORBIDDEN:
@@ -651,6 +657,14 @@ class ProviderAdapter(abc.ABC):
             check.cancel()
 
     @property
+    def failover_model(self) -> str:
+        """
+        The model a call failed over to this provider goes to: its
+        C{FALLBACK_MODEL_*} when set, else its C{*_MODEL}.
+        """
+        return self.fallback_model or self.default_model
+
+    @property
     def serving(self) -> bool:
         """
         Whether a call may be sent now: at least one key of the pool is
@@ -659,11 +673,11 @@ class ProviderAdapter(abc.ABC):
         """
         return self.keys.available > 0 and self.breaker.state is not BreakerState.OPEN
 
-    def pooled_call(self, avoid: Collection[str] = ()) -> PooledCall:
+    def pooled_call(self, avoid: Collection[str] = (), model: str | None = None) -> PooledCall:
         """
-        Begin a call other than chat (embeddings, a models listing) as a
-        chat call begins: with the next usable key of L{keys} (round robin,
-        none of C{avoid}), unless the L{breaker} is open.  It never takes
+        Begin a call other than chat (embeddings of C{model}, a models
+        listing) as a chat call begins: with the next usable key of L{keys}
+        (round robin, none of C{avoid}), unless the L{breaker} is open.  It never takes
         the half-open trial, which is a chat call's: the breaker judges
         completions (L{PooledCall}).  The caller reports how it went on the
         L{PooledCall}.
@@ -676,15 +690,15 @@ class ProviderAdapter(abc.ABC):
         keys = self.keys
         if not keys.keys:
             raise MissingKey(f"{self.key_variable} is not set")
-        key = keys.pick(avoid)
+        key = keys.pick(avoid, model)
         if key is None:
             raise NoUsableKey(
-                f"no key of {self.keys_setting} may be used now ({keys.unusable_reason()})", keys.back_in()
+                f"no key of {self.keys_setting} may be used now ({keys.unusable_reason(model)})", keys.back_in(model)
             )
         breaker = self.breaker
         if breaker.state is BreakerState.OPEN:
             raise BreakerOpen(f"the {self.id} circuit breaker is {breaker.state}", breaker.remaining())
-        return PooledCall(self, key)
+        return PooledCall(self, key, model)
 
     def scrub(self, text: str) -> str:
         """
@@ -945,6 +959,8 @@ class PooledCall:
     adapter: ProviderAdapter
     #: The key of the pool to send the call with.
     key: str = attrs.field(repr=False)
+    #: The model called (embeddings'); None for a models listing.
+    model: str | None = None
     settled: bool = False
 
     def answered(self, status: int) -> None:
@@ -989,5 +1005,5 @@ class PooledCall:
         self.answered(status)
         error = self.adapter.upstream_error(status, body, retry_after)
         assert error.refusal is not None
-        self.adapter.note_refusal(self.key, error.refusal)
+        self.adapter.note_refusal(self.key, error.refusal, self.model)
         return error

@@ -27,6 +27,7 @@ from openclaw.deferreds import InFlight
 from openclaw.providers.base import ProbeResult, ProviderAdapter
 from openclaw.providers.endpoints import CachedEndpoints, HeadLimitedEndpoints, https_policy
 from openclaw.providers.errors import UnknownProvider
+from openclaw.providers.keys import rest_scope
 from openclaw.providers.wire import OfferedTools
 from openclaw.reactors import IClientReactor
 from openclaw.settings import Settings
@@ -35,7 +36,8 @@ from openclaw.timefmt import isoformat
 
 def adapter_state(adapter: ProviderAdapter) -> dict[str, Any]:
     """
-    C{{"breaker": "closed", "keys": {<fingerprint>: "ok" | "resting" | "set_aside"}}},
+    C{{"breaker": "closed", "keys": {<fingerprint>: "ok" | "resting" | "resting for <model>" | "set_aside"}}}
+    (L{KeyPool.states <openclaw.providers.keys.KeyPool.states>}),
     with C{"configured": false} for a provider without a key
     (L{ProviderAdapter.configured}).
     """
@@ -84,7 +86,7 @@ class ProviderRegistry:
         wrap_agent: Callable[[IAgent, str], IAgent] | None = None,
         endpoints: IAgentEndpointFactory | None = None,
         pool_size: int | None = None,
-        on_rest: Callable[[str, str, float], None] | None = None,
+        on_rest: Callable[[str, str, float, str | None], None] | None = None,
     ) -> ProviderRegistry:
         """
         Every provider C{settings.providers} holds (in its order), sharing
@@ -106,8 +108,8 @@ class ProviderRegistry:
         @param pool_size: idle connections kept per host, when the
             process's descriptors allow fewer than C{UPSTREAM_POOL_SIZE}
             (L{openclaw.listeners.DescriptorShares.pool_per_host}).
-        @param on_rest: told (provider id, key fingerprint, seconds) of every
-            key rest any provider's key pool decides (a cluster's store
+        @param on_rest: told (provider id, key fingerprint, seconds, model or
+            None) of every key rest any provider's key pool decides (a cluster's store
             shares them: L{openclaw.cluster.node.ClusterNode.rest}).
         """
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -235,7 +237,7 @@ class ProviderRegistry:
             if candidate == provider_id:
                 continue
             adapter = self.get(candidate)
-            if adapter.keys.available and adapter.breaker.would_allow():
+            if adapter.keys.available_for(adapter.failover_model) and adapter.breaker.would_allow():
                 return adapter
         return None
 
@@ -256,19 +258,23 @@ class ProviderRegistry:
             keys = adapter.keys
             if not keys.keys:
                 continue
-            rest = 0.0 if keys.available else keys.back_in()
+            model = adapter.failover_model
+            rest = 0.0 if keys.available_for(model) else keys.back_in(model)
             if rest is not None:
                 waits.append((adapter, max(rest, adapter.breaker.remaining())))
         return waits
 
-    def rest_key(self, provider_id: str, key_fingerprint: str, seconds: float) -> None:
+    def rest_key(self, subject: str, key_fingerprint: str, seconds: float) -> None:
         """
-        Rest a key another instance was answered 429 with; unknown providers
-        and keys are ignored (another gateway's configuration may differ).
+        Rest a key another instance was answered 429 with, for what
+        C{subject} names (L{rest_subject <openclaw.providers.keys.rest_subject>}:
+        a provider, or one of its models); unknown providers and keys are
+        ignored (another gateway's configuration may differ).
         """
+        provider_id, model = rest_scope(subject)
         for adapter in self._adapters:
             if adapter.id == provider_id:
-                adapter.keys.rest_shared(key_fingerprint, seconds)
+                adapter.keys.rest_shared(key_fingerprint, seconds, model)
 
     def close(self) -> Deferred[None]:
         """

@@ -73,6 +73,8 @@ class GeminiAdapter(ProviderAdapter):
     embeddings: ClassVar[EmbeddingsWire | None] = GeminiEmbeddings()
     #: An error event's C{error.status} is a Google canonical code.
     error_statuses: ClassVar[Mapping[str, int]] = GOOGLE_STATUSES
+    #: Google limits each model apart (U{https://ai.google.dev/gemini-api/docs/rate-limits}).
+    rests_by_model: ClassVar[bool] = True
     #: (model, stream) -> chat URL, so that a call does not quote its model
     #: name again (urllib's quote is the costly part of building the URL).
     _chat_urls: dict[tuple[str, bool], bytes] = attrs.field(factory=dict, init=False, repr=False, eq=False)
