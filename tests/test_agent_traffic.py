@@ -522,6 +522,42 @@ class ForcedCallTests(DataPlaneTestCase):
         (last,) = [e for e in logged if e.get("log_namespace") == "openclaw.testing.upstream.bodies"][-1:]
         self.assertIn("... (1000 characters)", last["body"])
 
+    @inlineCallbacks
+    def test_kimi_thinking(self):
+        """
+        Moonshot's thinking models refuse a forced tool_choice: the 400
+        names C{tool_choice} and says what to send (agent trial s42: no
+        param, Moonshot's words alone); with C{"thinking": {"type":
+        "disabled"}} (passed on as sent) the call is forced.
+        """
+        self.upstream.kimi.models.append("kimi-k2.5")
+        client = self.sdk(self.gateway())
+        for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+            failure = yield self.assertFailure(
+                deferToThread(
+                    client.chat.completions.create,
+                    model="kimi/kimi-k2.5",
+                    messages=QUESTION,
+                    tools=TOOLS,
+                    tool_choice=choice,
+                ),
+                openai.BadRequestError,
+            )
+            self.assertEqual(failure.body["param"], "tool_choice")
+            self.assertEqual(failure.body["code"], "upstream_invalid_request")
+            self.assertIn("incompatible with thinking enabled", failure.message)
+            self.assertIn('"thinking": {"type": "disabled"}', failure.message)
+            answer = yield deferToThread(
+                client.chat.completions.create,
+                model="kimi/kimi-k2.5",
+                messages=QUESTION,
+                tools=TOOLS,
+                tool_choice=choice,
+                extra_body={"thinking": {"type": "disabled"}},
+            )
+            self.assertEqual(answer.choices[0].finish_reason, "tool_calls")
+            self.assertEqual(self.upstream.kimi.last_body["thinking"], {"type": "disabled"})
+
     def test_kimi(self):
         return self.loop("kimi", False)
 

@@ -435,8 +435,15 @@ def upstream_refused(
                 headers=upstream,
             )
         if refusal.status != 404:
+            if refusal.advice is not None:
+                refused = f"{refused}; {refusal.advice}"
             return APIError(
-                refusal.status, refused, "invalid_request_error", "upstream_invalid_request", headers=upstream
+                refusal.status,
+                refused,
+                "invalid_request_error",
+                "upstream_invalid_request",
+                refusal.param,
+                headers=upstream,
             )
         if not refusal.stated and base_url_setting is not None:
             refused += (

@@ -670,6 +670,11 @@ class Refusal:
     #: OpenAI's clients act on; each provider reads its own words for it
     #: (its adapter's C{refusal}).  Only L{CONTEXT_LENGTH_EXCEEDED} so far.
     code: str | None = None
+    #: The request field a refused request's fault is in (OpenAI's
+    #: C{param}), when the provider's words name it (its adapter's
+    #: C{refusal}); and what the client can do about it, in a clause.
+    param: str | None = None
+    advice: str | None = None
 
 
 #: A provider's wait (C{Retry-After}, or one its error body states) is followed for

@@ -309,6 +309,18 @@ def thinks(model: str) -> bool:
 #: models, "model max length exceeded, max length:8192" (as its users
 #: quote them: MoonshotAI/kimi-cli#2011, MoonshotAI-Cookbook#18).
 MOONSHOT_CONTEXT_EXCEEDED = re.compile(r"exceeded model token limit|model max length exceeded", re.IGNORECASE)
+#: How Moonshot's thinking models refuse a forced C{tool_choice}: "tool_choice
+#: 'required' is incompatible with thinking enabled", "tool_choice
+#: 'specified' is ..." (as its users quote them: can1357/oh-my-pi#827,
+#: #1077; UKGovernmentBEIS/inspect_ai#5152).
+MOONSHOT_FORCED_TOOL_CHOICE = re.compile(r"tool_choice\b.*\bincompatible with thinking", re.IGNORECASE)
+#: What a client can do about it: Moonshot's own field turns thinking off
+#: for the call (https://platform.moonshot.ai/docs, the kimi-k2.5 guide),
+#: or the call lets the model choose.
+FORCED_TOOL_CHOICE_ADVICE = (
+    'Moonshot\'s thinking models take a forced tool_choice ("required" or a named function) only with thinking '
+    'off: send "thinking": {"type": "disabled"} with it (the openai SDK: extra_body), or tool_choice "auto"'
+)
 
 
 @attrs.define(kw_only=True)
@@ -367,6 +379,12 @@ class KimiAdapter(OpenAICompatibleAdapter):
         refusal = super().refusal(status, body, retry_after)
         if status == 400 and refusal.kind == RefusalKind.REQUEST and MOONSHOT_CONTEXT_EXCEEDED.search(refusal.message):
             return attrs.evolve(refusal, code=CONTEXT_LENGTH_EXCEEDED)
+        if (
+            status == 400
+            and refusal.kind == RefusalKind.REQUEST
+            and MOONSHOT_FORCED_TOOL_CHOICE.search(refusal.message)
+        ):
+            return attrs.evolve(refusal, param="tool_choice", advice=FORCED_TOOL_CHOICE_ADVICE)
         return refusal
 
 

@@ -720,12 +720,15 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     _check_builtin_results(body["messages"])
     if _MOONSHOT_MODEL.match(model):
         _check_moonshot_content(body["messages"])
-    if _KIMI_THINKING.search(model):
+    thinking = body.get("thinking")
+    if _KIMI_THINKING.search(model) and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
         _check_kimi_reasoning(body["messages"])
         forced = body.get("tool_choice")
         if forced == "required" or isinstance(forced, dict):
-            # Moonshot's thinking models choose their calls themselves.
-            raise Reject(400, "tool_choice 'required' or a specified function is incompatible with thinking enabled")
+            # Moonshot's thinking models choose their calls themselves,
+            # unless thinking is off ("thinking": {"type": "disabled"}).
+            how = "required" if forced == "required" else "specified"
+            raise Reject(400, f"tool_choice '{how}' is incompatible with thinking enabled")
     base = {"id": "chatcmpl-standin", "created": 1700000000, "model": model}
     answer = behaviour.answers.pop(0) if behaviour.answers else _openai_default(body, behaviour)
     pieces = re.findall(r"\s*\S+", answer.content) if answer.content else []
