@@ -165,3 +165,23 @@ class BodyEncodingTests(DataPlaneTestCase):
             self.assertIn("send text as UTF-8", message)
             self.assertIn("do not cut strings between the two halves", message)
         self.assertEqual(self.upstream_requests(), 0)
+
+    @inlineCallbacks
+    def test_number_past_a_double(self):
+        """
+        A number past a double's range (an integer of 310 digits or more,
+        C{1e400}) is valid JSON no field takes: a 400 that says so and what
+        to send (agent trial s42: "number is infinity when parsed as
+        double" alone).
+        """
+        gateway = self.gateway()
+        for path, data in (
+            (CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "n": 1' + b"0" * 400 + b"}"),
+            (EMBEDDINGS, b'{"input": "hi", "dimensions": -1e400}'),
+        ):
+            response, text = yield self.send(gateway, path, data)
+            self.assertEqual(response.code, 400, (path, text))
+            message = self.assertOpenAIError(text, "invalid_json")["message"]
+            self.assertIn("holds a number too large to read", message)
+            self.assertIn("send every number within it", message)
+        self.assertEqual(self.upstream_requests(), 0)

@@ -660,6 +660,15 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
                 "the two halves",
                 code="invalid_json",
             ) from None
+        if "infinity" in str(e):
+            # A number past a double's range (about 1.8e308; an integer of
+            # 310 digits or more): JSON allows it (RFC 8259 section 6), but
+            # no field takes it, and the gateway reads numbers as doubles.
+            raise bad_request(
+                f"the request body holds a number too large to read ({e}): numbers are read as 64-bit floats, "
+                "whose range ends near 1.8e308; send every number within it (no field takes more)",
+                code="invalid_json",
+            ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
@@ -1668,7 +1677,8 @@ def _check_tool_calls(
             arguments = function["arguments"] = "{}"
         if not isinstance(arguments, str):
             raise bad_request(
-                f'{at}.function.arguments must be a string, the call\'s JSON object: \'{{"city": "Paris"}}\'',
+                f"{at}.function.arguments must be a string: the call's arguments as JSON text, as the "
+                "answer gave them (json.dumps of the object, not the object itself)",
                 param=f"{at}.function.arguments",
             )
         # Arguments that are not a JSON object (a model's answer cut at its
