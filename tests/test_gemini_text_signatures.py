@@ -185,17 +185,24 @@ class AgentTests(DataPlaneTestCase):
             client.chat.completions.create(model=MODEL, messages=[*QUESTION, first.model_dump(), result], tools=tools)
             return first
 
-        for stream in (False, True):
-            events = (
-                ({"functionCall": {"name": "f", "args": {"a": "1"}, "id": "q1"}},),
-                ({"text": "", "thoughtSignature": SIGNATURE},),
-            )
+        call = {"functionCall": {"name": "f", "args": {"a": "1"}, "id": "q1"}}
+        for stream, text in (
+            (False, ()),
+            (True, ()),
+            (False, ({"text": "Checking."},)),
+            (True, ({"text": "Checking."},)),
+        ):
+            # Text before the call too (agent trial s42: the signature
+            # moved onto it, the empty part dropped).
+            events = (*((part,) for part in text), (call,), ({"text": "", "thoughtSignature": SIGNATURE},))
             self.upstream.gemini.answers[:] = [GeminiAnswer(events, finish_reason="STOP")]
             yield deferToThread(loop, stream)
             turn = self.upstream.gemini.last_body["contents"][1]
             self.assertEqual(turn["role"], "model")
             self.assertEqual(turn["parts"][-1], {"text": "", "thoughtSignature": SIGNATURE}, stream)
-            self.assertEqual(turn["parts"][0]["functionCall"]["id"], "q1")
+            if text:
+                self.assertEqual(turn["parts"][0], {"text": "Checking."})
+            self.assertEqual(turn["parts"][len(text)]["functionCall"]["id"], "q1")
 
     @inlineCallbacks
     def test_not_sent_to_kimi(self) -> Any:

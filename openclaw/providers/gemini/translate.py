@@ -329,12 +329,15 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
                 # The assistant's words, as a refusal content part is.
                 parts.append({"text": refusal})
             signature = text_signature(message)
-            if signature is not None and parts:
+            tool_calls = message.get("tool_calls")
+            if signature is not None and parts and not tool_calls:
                 # On its text's last part, as Gemini answered it (an
-                # assistant's parts are text).
+                # assistant's parts are text).  Beside calls, the signed
+                # text part came last, after them (Gemini signs a call
+                # turn's calls, or ends it with a signed empty text part):
+                # it goes back there, below.
                 parts[-1]["thoughtSignature"] = signature
                 signature = None
-            tool_calls = message.get("tool_calls")
             if tool_calls:
                 # Turns alternate: a user turn, if any, is first or second.
                 if not any(turn["role"] == "user" for turn in contents[:2]):
@@ -342,8 +345,9 @@ def to_gemini(body: dict[str, Any], model: str = "", references: bool = True) ->
                 order = {call["id"]: k for k, call in enumerate(tool_calls)}
                 parts.extend(_function_call(call, calls) for call in tool_calls)
             if signature is not None:
-                # No text to carry it: the signed empty text part Gemini
-                # answered with, last, as it came (L{text_signature}).
+                # No text to carry it, or calls before it: the signed empty
+                # text part Gemini answered with, last, as it came
+                # (L{text_signature}).
                 parts.append({"text": "", "thoughtSignature": signature})
             _append(contents, "model", parts)
     for turn in contents:
@@ -484,8 +488,9 @@ def text_signature(message: dict[str, Any]) -> str | None:
     A history written through Google's endpoint reads the same.
 
     A message with no text (a function call turn, or an answer of thoughts
-    only) sends its signature back as Gemini gave it, on an empty text
-    part last in the model turn: Gemini 3 may end a function call step
+    only), or with tool calls beside its text, sends its signature back as
+    Gemini gave it, on an empty text part last in the model turn (after
+    the calls: agent trial s42, where it moved onto the text before them): Gemini 3 may end a function call step
     with one (in a stream: google/adk-go #442), and Google asks for
     signed parts back as received, never dropped (its thought signatures
     guide; earendil-works/pi #7362 echoes them: dropped, Gemini Flash
