@@ -293,6 +293,9 @@ class GeminiAnswer:
     "args", "id"?}, "thoughtSignature"?}}), one tuple per streamed event (a
     whole answer joins them), then C{finish_reason} and C{usage}
     (C{usageMetadata}).  Signatures given are remembered as issued.
+    No events (C{()}) is an answer of no candidate part: a stream of no
+    event at all, so its C{finish_reason} is never sent streamed (give
+    one event, C{(({"text": ""},),)}, to send it).
     """
 
     events: tuple[tuple[dict[str, Any], ...], ...]
