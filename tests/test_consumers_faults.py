@@ -273,6 +273,34 @@ class TableTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(flushed))
         self.assertEqual(self.table.pending_rows(), 0)
 
+    def test_backlog_written_in_parts(self) -> None:
+        """
+        Rows piled up while the database could not be written go in parts
+        of L{MAX_ROWS_PER_WRITE <openclaw.consumers.table.MAX_ROWS_PER_WRITE>},
+        each full part followed at once by the next (consumers trial s42:
+        a backlog grown on a full disk went in one transaction, which never
+        fitted again once space was back, and a stop gave it up); a part
+        that fails is kept, first, for the next flush.
+        """
+        self.patch(table_module, "MAX_ROWS_PER_WRITE", 3)
+        for _ in range(7):
+            self.account()
+        flushed = self.table.flush()
+        self.assertEqual([len(rows) for rows, _ in self.store.writes], [3])
+        self.store.writes[0][1].errback(Failure(OSError("database or disk is full")))
+        self.assertIsNone(self.successResultOf(flushed))
+        self.assertEqual(self.table.pending_rows(), 7)
+        self.flushLoggedErrors(OSError)
+        flushed = self.table.flush()
+        for expected in (3, 3, 1):
+            self.assertEqual(len(self.store.writes[-1][0]), expected)
+            self.store.writes[-1][1].callback(None)
+        self.assertIsNone(self.successResultOf(flushed))
+        self.assertEqual([len(rows) for rows, _ in self.store.writes], [3, 3, 3, 1])
+        self.assertEqual(self.table.pending_rows(), 0)
+        # In order: the part that failed first.
+        self.assertEqual(self.store.writes[1][0], self.store.writes[0][0])
+
 
 class InFlightTests(SynchronousTestCase):
     def test_each_observer_its_own(self) -> None:
