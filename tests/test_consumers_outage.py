@@ -325,6 +325,12 @@ class DatabaseLaterTests(TestCase):
         self.assertNotIn("log_failure", said)
         self.assertIn("Connection refused", formatEvent(said))
         self.assertNotIn("\n", formatEvent(said))
+        # Both name the database as DATABASE_URL does (consumers trial
+        # s42: an instance pointed at another database by a typo said
+        # "DATABASE_URL" only), its password masked.
+        [loaded] = [e for e in events if "at schema version" in e.get("log_format", "")]
+        for line in (said, loaded):
+            self.assertIn(f"consumers' database {server.url} (DATABASE_URL)", formatEvent(line))
         self.assertEqual(self.flushLoggedErrors(), [])
 
 

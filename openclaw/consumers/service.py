@@ -46,6 +46,7 @@ from openclaw.reactors import IGatewayReactor
 from openclaw.settings import Settings
 from openclaw.stalls import boot_clock
 from openclaw.timefmt import compact, isoformat
+from openclaw.urls import masked_url
 
 #: At stop, the least time the usage rows' last write, then the closing of
 #: the consumers' database, each get when SHUTDOWN_GRACE_SECONDS is spent
@@ -369,7 +370,15 @@ class ConsumersService(Service):
             checking.clock = self._reactor
             checking.start(FILES_CHECK_SECONDS, now=False)
         settings = self._settings
-        where = "DATABASE_URL" if settings.database_url else str(sqlite_path(settings.state_dir))
+        # Named as the operator wrote it (its password masked): an instance
+        # of a cluster pointed at another database by a typo loads its
+        # consumers from it, and this names which (consumers trial s42:
+        # "0 consumer(s) loaded" alone, then 401 for every cluster key).
+        where = (
+            f"{masked_url(settings.database_url)} (DATABASE_URL)"
+            if settings.database_url
+            else str(sqlite_path(settings.state_dir))
+        )
 
         def attempt() -> Deferred[int]:
             def migrated(version: int) -> Deferred[int]:
