@@ -33,6 +33,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import http
 
 from openclaw.dataplane.metrics_site import METRICS_MAX_CONNECTIONS
+from openclaw.dataplane.site import APIRequest
 from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway, start_metrics_listener
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
@@ -127,6 +128,38 @@ class EarlyRefusalTests(TestCase):
         self.assertEqual((status_of(answer), code_of(answer)), (401, "invalid_api_key"))
         answer = yield self.send(head + b"\r\nAuthorization: Bearer " + KEY.encode())
         self.assertEqual((status_of(answer), code_of(answer)), (413, "request_too_large"))
+
+    @inlineCallbacks
+    def test_refused_body_not_decoded(self) -> Any:
+        """
+        What follows a refused head in the same read is not decoded: a
+        keyless chunked body of 1-byte chunks (hostile trial s42: each such
+        request cost the gateway 70 ms decoding up to 64 KB of chunks it
+        had refused) goes unread, as the later reads of the lingering
+        close do; a key holder's body sent with its head is read as ever.
+        """
+        chunks: list[bytes] = []
+        handle = APIRequest.handleContentChunk
+
+        def counted(request: APIRequest, data: bytes) -> None:
+            chunks.append(data)
+            handle(request, data)
+
+        self.patch(APIRequest, "handleContentChunk", counted)
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
+        answer = yield self.send(head, b"1\r\na\r\n" * 11000)
+        self.assertEqual((status_of(answer), code_of(answer)), (401, "invalid_api_key"))
+        self.assertEqual(chunks, [])
+        body = json.dumps({"messages": HELLO}).encode()
+        answer = yield self.send(
+            head.replace(b"Transfer-Encoding: chunked", b"Content-Length: %d" % len(body))
+            + b"\r\nAuthorization: Bearer "
+            + KEY.encode()
+            + b"\r\nConnection: close",
+            body,
+        )
+        self.assertEqual(b"".join(chunks), body)
+        self.assertNotEqual(status_of(answer), 401)
 
     @inlineCallbacks
     def test_refusals_carry_a_date(self) -> Any:

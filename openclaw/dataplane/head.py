@@ -110,6 +110,24 @@ def unframed_body(request: Request) -> bool:
     return codings is not None and (len(codings) != 1 or codings[0].strip().lower() != b"chunked")
 
 
+def head_end(tail: bytes, data: bytes) -> int:
+    """
+    Where, in C{data}, a request head's blank line ends (RFC 9112 section
+    2.1: the head ends with CRLF CRLF): the index of the first byte after
+    it, -1 when none ends in C{data}.  A split there is never wrong (the
+    parser takes a request in any pieces), only needless where a body
+    holds CRLF CRLF.
+
+    @param tail: the last bytes read before C{data} (3 are enough), in
+        which the blank line may have begun.
+    """
+    for taken in (1, 2, 3):
+        if len(data) >= taken and (tail + data[:taken]).endswith(b"\r\n\r\n"):
+            return taken
+    end = data.find(b"\r\n\r\n")
+    return -1 if end < 0 else end + 4
+
+
 def lose_connection(transport: ITransport) -> None:
     """
     Close C{transport} once what was written to it is sent.  twisted.web's
