@@ -32,8 +32,9 @@ from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 from twisted.web import http
 
+from openclaw.dataplane.connection import BODY_SLICE_BYTES
 from openclaw.dataplane.metrics_site import METRICS_MAX_CONNECTIONS
-from openclaw.dataplane.site import APIRequest
+from openclaw.dataplane.site import MAX_SMALL_PIECES, APIRequest
 from tests.support import RecordingEndpoint, capture_log_events, exchange, start_gateway, start_metrics_listener
 from tests.test_consumers import GatewayCase
 from tests.test_dataplane import HELLO
@@ -282,6 +283,53 @@ class EarlyRefusalTests(TestCase):
         self.assertEqual(event["param"], error["param"])
         self.assertIsNotNone(event["param"])
         self.assertIn(f"POST /v1/chat/completions 400 {event['outcome']} via - for - ", formatEvent(event))
+
+
+class FragmentedBodyTests(TestCase):
+    """
+    A key holder's body in pieces too small is refused once past
+    L{MAX_SMALL_PIECES}, and what follows in the read is not parsed
+    (hostile trial s42: 2.5 MB in 1-byte chunks held the reactor for
+    seconds a request, every client's answers a second late).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        self.addCleanup(self.gateway.service.api_site.close_connections)
+
+    @inlineCallbacks
+    def test_refused(self) -> Any:
+        chunks: list[bytes] = []
+        handle = APIRequest.handleContentChunk
+
+        def counted(request: APIRequest, data: bytes) -> None:
+            chunks.append(data)
+            handle(request, data)
+
+        self.patch(APIRequest, "handleContentChunk", counted)
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+        )
+        answer = yield deferToThread(exchange, self.gateway.api_port, head + b"1\r\na\r\n" * 50000)
+        self.assertEqual((status_of(answer), code_of(answer)), (400, "request_body_fragmented"), answer)
+        self.assertIn(b"send it with a Content-Length", answer)
+        # The pieces before the refusal, and no more than a slice of the
+        # read's rest (BODY_SLICE_BYTES: 6 bytes a 1-byte chunk).
+        self.assertLess(len(chunks), MAX_SMALL_PIECES + BODY_SLICE_BYTES // 6 + 2)
+        # Pieces of a usual size: read.
+        chunks.clear()
+        body = json.dumps({"messages": HELLO, "metadata": {"k": "v" * 200}}).encode()
+        pieces = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 64]), body[i : i + 64]) for i in range(0, len(body), 64))
+        answer = yield deferToThread(
+            exchange,
+            self.gateway.api_port,
+            head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + pieces + b"0\r\n\r\n",
+        )
+        self.assertEqual(b"".join(chunks), body)
+        self.assertNotEqual(status_of(answer), 400, answer)
 
 
 class ProviderLabelTests(GatewayCase):

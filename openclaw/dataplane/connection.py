@@ -53,6 +53,10 @@ LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: from then on): a client's first head arrives in one round trip, so a
 #: key holder's new connection is never taken for a keyless one.
 KEYLESS_GRACE_SECONDS = 1.0
+#: The most of a read of a request's body handed to twisted.web at once
+#: (L{APIConnection._body_read}): what it decodes of a refused body before
+#: the refusal is seen.
+BODY_SLICE_BYTES = 4096
 
 
 @implementer(IPushProducer)
@@ -204,6 +208,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                     # counted, and it is keyless for its whole life.
                     self._deadlines.stop_keyless()
                     self.count_keyless()
+        if not self._http2 and self._awaiting_body and len(data) > BODY_SLICE_BYTES:
+            self._body_read(data)
+            return
         if not self._http2 and not self._awaiting_body:
             # A request head may end in this read: twisted.web gets the
             # head alone first, so that what follows it is not parsed when
@@ -219,6 +226,8 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                 self.protocol.dataReceived(data[:end])
                 if self._lingered is not None:
                     self._linger_read(data[end:])
+                elif self._awaiting_body:
+                    self._body_read(data[end:])
                 elif not self._deadlines.closing and not getattr(self.transport, "disconnecting", False):
                     # (Nor once twisted.web refused the head itself and
                     # closed: it would read the rest as another request.)
@@ -227,6 +236,23 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         self.protocol.dataReceived(data)
         if self._http2 and not self._closing and getattr(self.transport, "disconnecting", False):
             self._http2_ended()
+
+    def _body_read(self, data: bytes) -> None:
+        """
+        A read of a request's body (HTTP/1.1), handed to twisted.web
+        L{BODY_SLICE_BYTES} at a time, so that once the body is refused (too
+        large, or in pieces too small: L{openclaw.dataplane.site.APIRequest})
+        the rest of the read is dropped unparsed, as the lingering close
+        drops what comes after; twisted.web would decode the whole read, a
+        call per chunk of a chunked body.
+        """
+        for start in range(0, len(data), BODY_SLICE_BYTES):
+            if self._lingered is not None:
+                self._linger_read(data[start:])
+                return
+            if self._deadlines.closing or getattr(self.transport, "disconnecting", False):
+                return
+            self.protocol.dataReceived(data[start : start + BODY_SLICE_BYTES])
 
     def connectionLost(self, reason: Failure) -> None:
         # First: an answer finished while the protocol handles the loss

@@ -130,6 +130,17 @@ def _invalid_target() -> APIError:
 _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
 
+#: A body may come in this many pieces (chunks, DATA frames, reads) of
+#: any size; past them, pieces of L{MIN_PIECE_BYTES} on average, else it
+#: is refused (400 C{request_body_fragmented}): twisted.web hands each
+#: chunk of a chunked body over in a call of its own, so a key holder's
+#: 2.5 MB body in 1-byte chunks cost seconds of the reactor's time
+#: (hostile trial s42), where one in pieces of any usual size costs
+#: next to nothing.
+MAX_SMALL_PIECES = 1024
+MIN_PIECE_BYTES = 64
+
+
 class APIRequest(NextTurnRequest):
     """
     A request whose body may not exceed the site's C{max_request_bytes},
@@ -171,6 +182,9 @@ class APIRequest(NextTurnRequest):
     holder: Holder | None = None
 
     _received = 0
+    #: The pieces the body came in so far (a chunk of a chunked body, a
+    #: DATA frame, a read of a body of known length).
+    _pieces = 0
     _refusal: APIError | None = None
     #: An HTTP/2 stream's C{(length, has_body)} until its head is whole
     #: and checked (L{gotLength}).
@@ -330,8 +344,12 @@ class APIRequest(NextTurnRequest):
         if self._refusal is not None:
             return
         self._received += len(data)
+        self._pieces = pieces = self._pieces + 1
         if self._received > self.max_request_bytes:
             self._refuse(self._too_large(), unread_body=True)
+            return
+        if pieces > MAX_SMALL_PIECES and self._received < pieces * MIN_PIECE_BYTES:
+            self._refuse(self._too_fragmented(), unread_body=True)
             return
         super().handleContentChunk(data)
 
@@ -510,6 +528,16 @@ class APIRequest(NextTurnRequest):
             path="-" if uri is None else uri.split(b"?", 1)[0].decode("ascii", "replace"),
             consumer=None if holder is None else holder.consumer,
             request_id=self.request_id,
+        )
+
+    def _too_fragmented(self) -> APIError:
+        return APIError(
+            400,
+            f"the request body came in {self._pieces} pieces of {self._received // self._pieces} bytes on "
+            f"average (chunks of a chunked body, or HTTP/2 DATA frames): send it with a Content-Length, or in "
+            f"pieces of {MIN_PIECE_BYTES} bytes or more on average",
+            "invalid_request_error",
+            "request_body_fragmented",
         )
 
     def _too_large(self) -> APIError:
