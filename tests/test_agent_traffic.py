@@ -911,6 +911,13 @@ class EmptyArgumentsTests(DataPlaneTestCase):
                 response, text = yield self.post(gateway, {"model": model, "messages": messages})
                 self.assertEqual(response.code, 200, (model, content, text))
             self.assertEqual([m["role"] for m in self.upstream.kimi.last_body["messages"]], ["user", "user"])
+        # Moonshot's Partial Mode prefill, empty in its role-play example:
+        # sent as it is (review s42: left out, the name's prefill lost).
+        prefill = {"role": "assistant", "name": "Kelsier", "content": "", "partial": True}
+        self.upstream.kimi.answers[:] = [KIMI_SUNNY]
+        response, text = yield self.post(gateway, {"model": "kimi/moonshot-v1-8k", "messages": [*QUESTION, prefill]})
+        self.assertEqual(response.code, 200, text)
+        self.assertEqual(self.upstream.kimi.last_body["messages"][-1], prefill)
 
     @inlineCallbacks
     def test_history_with_broken_arguments(self):

@@ -810,6 +810,11 @@ def _holds_empty(message: dict[str, Any]) -> bool:
     Whether an assistant C{message} has empty text to take out, or is
     empty (L{_without_empty_content}).
     """
+    if message.get("partial") is True:
+        # Moonshot's Partial Mode: the answer's start, empty in its
+        # role-play example ({"name": ..., "content": "", "partial": true}),
+        # which Moonshot takes (review s42).
+        return False
     content = message.get("content")
     if _empty_text(content):
         return True

@@ -1155,6 +1155,9 @@ def _check_moonshot_content(messages: list[Any]) -> None:
         if not isinstance(message, dict):
             continue
         if message.get("role") == "assistant" and not message.get("tool_calls"):
+            if message.get("partial") is True:
+                # Partial Mode's prefill, empty in Moonshot's role-play example.
+                continue
             content = message.get("content")
             if not content or (
                 isinstance(content, list)
