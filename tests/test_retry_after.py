@@ -196,6 +196,32 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         self.assertEqual(json.loads(text)["usable_keys"], 1, text)
 
     @inlineCallbacks
+    def test_wait_after_a_failover_by_the_model_asked(self) -> Any:
+        """
+        After a failover, the first provider's wait is judged by the model
+        the call asked of it, not by its FALLBACK_MODEL: a Gemini key rests
+        by model (review s42: "gemini may take the call in 1 s" was told
+        for gemini-2.5-pro resting 120 s, because gemini-2.5-flash, its
+        fallback model, was free).
+        """
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        gemini.rate_limited_models, gemini.retry_after = {"gemini-2.5-pro"}, 120
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 120
+        providers = changed_providers(
+            self.upstream.provider_settings(),
+            gemini={"model": "gemini-2.5-pro", "fallback_model": "gemini-2.5-flash"},
+        )
+        gateway = self.gateway(providers=providers, default_provider="gemini", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        self.assertEqual(response.headers.getRawHeaders("x-openclaw-fallback"), ["gemini->kimi; reason=rate_limited"])
+        self.assertGreater(int(response.headers.getRawHeaders("retry-after")[0]), 100, text)
+        self.assertNotIn("gemini may take the call in", text)
+        # The fallback model itself is free.
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-flash", "messages": HELLO})
+        self.assertEqual(response.code, 200, text)
+
+    @inlineCallbacks
     def test_wait_for_the_route(self) -> Any:
         """
         When neither the provider nor its fallback can take the call, the

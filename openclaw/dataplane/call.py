@@ -785,18 +785,23 @@ class ChatCall:
             # for a fallback (L{_could_take}).
             return error
         # Soonest first: the first that could take the call is the answer.
-        waits = sorted(self.context.providers.fallback_waits(self.route.provider_id), key=lambda entry: entry[1])
+        judged = self._judged_models()
+        waits = sorted(
+            self.context.providers.fallback_waits(self.route.provider_id, judged), key=lambda entry: entry[1]
+        )
+
+        def usable(adapter: ProviderAdapter) -> int:
+            return adapter.keys.available_for(judged.get(adapter.id, adapter.failover_model))
+
         if resting is not None:
             rested = [
-                (adapter.id, wait)
-                for adapter, wait in waits
-                if not adapter.keys.available_for(adapter.failover_model) and self._could_take(adapter)
+                (adapter.id, wait) for adapter, wait in waits if not usable(adapter) and self._could_take(adapter)
             ]
             if rested:
                 error = every_key_resting(self.route.provider_id, resting, rested)
             # Those that wait for another reason (an open breaker).
-            waits = [(adapter, wait) for adapter, wait in waits if adapter.keys.available_for(adapter.failover_model)]
-        elif breaker is not None and waits and all(a.keys.available_for(a.failover_model) for a, _ in waits):
+            waits = [(adapter, wait) for adapter, wait in waits if usable(adapter)]
+        elif breaker is not None and waits and all(usable(adapter) for adapter, _ in waits):
             # Every provider the call could go to waits for its breaker too
             # (none rests for a 429): said of them all.
             failing = [(adapter.id, wait) for adapter, wait in waits if self._could_take(adapter)]
@@ -806,6 +811,19 @@ class ChatCall:
             if self._could_take(adapter):
                 return sooner_elsewhere(error, adapter.id, wait)
         return error
+
+    def _judged_models(self) -> dict[str, str]:
+        """
+        The model a provider's keys are judged by for this call where it is
+        not the provider's C{failover_model}: after a failover, the first
+        provider's is the model the call asked of it (a Gemini key rests by
+        model: review s42, where a wait of 1 s was told for a model resting
+        120 s).
+        """
+        if self._origin is None:
+            return {}
+        _, route = self._origin
+        return {route.provider_id: route.model}
 
     def _not_tried(self, error: APIError) -> APIError:
         """
@@ -824,8 +842,9 @@ class ChatCall:
         whose breaker or keys kept it out is named.
         """
         large = self.request_bytes > self.context.bodies.above
-        for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id):
-            usable = adapter.keys.available_for(adapter.failover_model)
+        judged = self._judged_models()
+        for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id, judged):
+            usable = adapter.keys.available_for(judged.get(adapter.id, adapter.failover_model))
             if usable and adapter.breaker.would_allow():
                 continue
             if not large and not self._could_take(adapter):

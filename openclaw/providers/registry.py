@@ -10,7 +10,7 @@ health checks costs one upstream request per provider.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from http.cookiejar import DefaultCookiePolicy
 from typing import Any
 
@@ -241,13 +241,17 @@ class ProviderRegistry:
                 return adapter
         return None
 
-    def fallback_waits(self, provider_id: str) -> list[tuple[ProviderAdapter, float]]:
+    def fallback_waits(
+        self, provider_id: str, models: Mapping[str, str] | None = None
+    ) -> list[tuple[ProviderAdapter, float]]:
         """
         The providers a call failing on C{provider_id} may go to, in
         L{fallback_order}, each with the seconds until it may take one: its
-        breaker's cooldown left, or its keys' rest (L{KeyPool.back_in}),
-        whichever is longer; 0 when it may now.  Those that will not by
-        themselves (no key set, every key refused) are left out.
+        breaker's cooldown left, or its keys' rest (L{KeyPool.back_in}) for
+        the model the call would ask of it (its C{failover_model}, unless
+        C{models} names another for it: provider id -> model), whichever is
+        longer; 0 when it may now.  Those that will not by themselves (no
+        key set, every key refused) are left out.
         """
         order = self._ids if self.fallback_order is None else self.fallback_order
         waits = []
@@ -258,7 +262,7 @@ class ProviderRegistry:
             keys = adapter.keys
             if not keys.keys:
                 continue
-            model = adapter.failover_model
+            model = adapter.failover_model if models is None else models.get(candidate, adapter.failover_model)
             rest = 0.0 if keys.available_for(model) else keys.back_in(model)
             if rest is not None:
                 waits.append((adapter, max(rest, adapter.breaker.remaining())))

@@ -222,6 +222,9 @@ class ProviderBehaviour:
     extra_keys: list[str] = attrs.field(factory=list)
     #: Keys answered with 429 (rate limited), whatever the mode.
     rate_limited_keys: set[str] = attrs.field(factory=set)
+    #: Models whose calls are answered with 429 whatever the key (Google
+    #: limits each model apart), whatever the mode.
+    rate_limited_models: set[str] = attrs.field(factory=set)
     #: Keys the provider does not know: answered as an invalid key
     #: (OpenAI's dialect: 401; Gemini's: 400 with reason API_KEY_INVALID).
     invalid_keys: set[str] = attrs.field(factory=set)
@@ -1138,6 +1141,28 @@ def _check_openai_tool_ids(messages: list[Any]) -> None:
             raise Reject(400, f"Invalid request: tool_call_id {message.get('tool_call_id')} is not found")
 
 
+def _called_model(request: Request) -> str | None:
+    """
+    The model a call names: in its path (Gemini's C{models/<model>:...}),
+    else as its JSON body's C{model} (OpenAI's).
+    """
+    found = re.search(r"/models/([^/:?]+):", request.uri.decode("utf-8", "replace"))
+    if found:
+        return found.group(1)
+    content = request.content
+    if content is None:
+        return None
+    position = content.tell()
+    try:
+        body = json.loads(content.read() or b"null")
+    except ValueError:
+        return None
+    finally:
+        content.seek(position)
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
+
+
 #: Moonshot's models (as opposed to a third OpenAI-compatible provider's).
 _MOONSHOT_MODEL = re.compile(r"moonshot-|kimi-")
 
@@ -1630,7 +1655,9 @@ class _Endpoint(Resource):
         if not behaviour.accepts(presented):
             self._error(request, behaviour, 401, None)
             return
-        if presented in behaviour.rate_limited_keys:
+        if presented in behaviour.rate_limited_keys or (
+            behaviour.rate_limited_models and _called_model(request) in behaviour.rate_limited_models
+        ):
             self._refuse(request, behaviour, 429)
             return
         if mode is Mode.UNAUTHORIZED:
