@@ -27,9 +27,9 @@ from openclaw.dataplane.errors import (
 from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.settings.values import MAX_DURATION_SECONDS
-from tests.support import changed_providers
+from tests.support import changed_providers, open_client
 from tests.test_dataplane import HELLO, KIMI_KEY
-from tests.test_resilience import ResilienceTestCase
+from tests.test_resilience import ResilienceTestCase, consumers_loaded
 
 
 class RetryAfterTests(TestCase):
@@ -192,6 +192,7 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         self.assertEqual(response.code, 429, text)
         self.assertIn(response.headers.getRawHeaders("retry-after"), (["30"], ["29"]))
         self.assertEqual(gemini.requests, sent + 2)
+        yield consumers_loaded(gateway)
         response, text = yield self.get(gateway, "/readyz")
         self.assertEqual(json.loads(text)["usable_keys"], 1, text)
 
@@ -220,6 +221,24 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         # The fallback model itself is free.
         response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-flash", "messages": HELLO})
         self.assertEqual(response.code, 200, text)
+        # A call pinned to the model that rests is told so by name.
+        response, text = yield self.post(gateway, {"model": "gemini/gemini-2.5-pro", "messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        self.assertIn("rate limited for gemini-2.5-pro (its other models may take calls)", text)
+        # Readiness and a switch to it judge the active model's keys.
+        yield consumers_loaded(gateway)
+        response, text = yield self.get(gateway, "/readyz")
+        self.assertEqual(json.loads(text)["usable_keys"], 0, text)
+        client = yield open_client(self, gateway.port)
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "gemini", "model": "gemini-2.5-pro"}
+        )
+        self.assertTrue(answer["ok"], answer)
+        self.assertIn("rests after a 429 of gemini-2.5-pro for 120 s more", answer["result"]["warning"])
+        answer = yield client.command(
+            gateway.token, "switch_provider", {"provider": "gemini", "model": "gemini-2.5-flash"}
+        )
+        self.assertNotIn("rests after a 429", answer["result"].get("warning", ""))
 
     @inlineCallbacks
     def test_wait_for_the_route(self) -> Any:

@@ -109,7 +109,7 @@ class Provider(Protocol):
 
     def missing_key_warning(self) -> str | None: ...
 
-    def unavailable_warning(self) -> str | None: ...
+    def unavailable_warning(self, model: str | None = None) -> str | None: ...
 
     def unlisted_model_warning(self, model: str) -> str | None: ...
 
@@ -340,7 +340,7 @@ class ControlCommands:
                 for w in (
                     unsaved,
                     provider.missing_key_warning(),
-                    provider.unavailable_warning(),
+                    provider.unavailable_warning(model),
                     provider.unlisted_model_warning(model),
                 )
                 if w

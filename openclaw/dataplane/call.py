@@ -298,7 +298,7 @@ class ChatCall:
             back_in = keys.back_in(model)
             return self._upstream_failed(
                 keys.unusable_reason(model),
-                no_usable_key(provider_id, adapter.keys_setting, back_in),
+                no_usable_key(provider_id, adapter.keys_setting, back_in, model if keys.back_in() is None else None),
                 resting=back_in,
             )
         breaker = adapter.breaker

@@ -513,15 +513,18 @@ def upstream_refused(
     )
 
 
-def no_usable_key(provider_id: str, key_setting: str, back_in: float | None) -> APIError:
+def no_usable_key(provider_id: str, key_setting: str, back_in: float | None, model: str | None = None) -> APIError:
     """
     Every key of the provider's pool rests (429: C{back_in} seconds until
-    the first is back) or was refused (502).
+    the first is back; for C{model}'s calls, when its keys rest by model)
+    or was refused (502).
     """
     if back_in is not None:
+        scope = "" if model is None else f" for {model} (its other models may take calls)"
         return APIError(
             429,
-            f"every key the gateway holds for {provider_id} is rate limited; retry in {retry_after_seconds(back_in)} s",
+            f"every key the gateway holds for {provider_id} is rate limited{scope}; retry in "
+            f"{retry_after_seconds(back_in)} s",
             "rate_limit_error",
             "rate_limit_exceeded",
             retry_after=retry_after_seconds(back_in),

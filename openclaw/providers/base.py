@@ -469,12 +469,13 @@ class ProviderAdapter(abc.ABC):
         """
         return None if self.api_key else f"{self.key_variable} is not set"
 
-    def unavailable_warning(self) -> str | None:
+    def unavailable_warning(self, model: str | None = None) -> str | None:
         """
-        Why calls to this provider would not be sent now, for an operator
-        making it the active one: its breaker open, or every key resting
-        after a 429 or refused.  None when they would be (or no key is
-        set: L{missing_key_warning}).
+        Why calls to this provider (of C{model}) would not be sent now, for
+        an operator making it the active one: its breaker open, or every
+        key resting after a 429 (for C{model}, where keys rest by model) or
+        refused.  None when they would be (or no key is set:
+        L{missing_key_warning}).
         """
         keys = self.keys
         if not keys.keys:
@@ -485,11 +486,12 @@ class ProviderAdapter(abc.ABC):
                 f"{self.id}'s circuit breaker is open for {math.ceil(cooldown)} s more: its calls fail over where "
                 "FALLBACK allows, else are answered 503"
             )
-        if keys.available:
+        if keys.available_for(model):
             return None
-        back_in = keys.back_in()
+        back_in = keys.back_in(model)
         if back_in is not None:
-            return f"every key of {self.keys_setting} rests after a 429 for {math.ceil(back_in)} s more"
+            scope = f" of {model}" if keys.rests_by_model and model is not None else ""
+            return f"every key of {self.keys_setting} rests after a 429{scope} for {math.ceil(back_in)} s more"
         return f"every key of {self.keys_setting} was refused by {self.id}: fix them, then run health_check"
 
     def unlisted_model_warning(self, model: str) -> str | None:
