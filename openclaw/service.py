@@ -1337,7 +1337,7 @@ class GatewayService(SequentialMultiService):
             except TokenFileUnwritable as e:
                 self._refuse_token_file(e)
         #: Fires once the consumers are loaded (or the first attempt failed:
-        #: L{Retrying} goes on trying); set once they start.
+        #: L{openclaw.consumers.store.Retrying} goes on trying); set once they start.
         self.consumers_ready: Deferred[None] = self._consumers_service.ready
         if shared:
             assert self.cluster is not None and self._redis is not None

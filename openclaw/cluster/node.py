@@ -376,7 +376,7 @@ class ClusterNode:
         provider_ids: tuple[str, ...],
         on_token: Callable[[SessionToken, bool, str], None] = lambda token, here, origin: None,
         on_up: Callable[[bool], None] = lambda up: None,
-        on_rest: Callable[[str, str, float], None] = lambda provider, key, seconds: None,
+        on_rest: Callable[[str, str, float], None] = lambda subject, key, seconds: None,
         on_lock: Callable[[str, float], None] = lambda key, seconds: None,
         on_foreign_token: Callable[[str], None] = lambda error: None,
         retry_max: float = 5.0,
@@ -1158,12 +1158,13 @@ class ClusterNode:
             advice=TOKEN_FILE_ADVICE,
         )
 
-    def rested(self, origin: str, provider: str, key_fingerprint: str, seconds: float) -> None:
+    def rested(self, origin: str, subject: str, key_fingerprint: str, seconds: float) -> None:
         """
-        An instance rested a provider key after a 429.
+        An instance rested a provider key after a 429, for C{subject} (a
+        provider, or one of its models).
         """
         if origin != self.instance:
-            self._on_rest(provider, key_fingerprint, seconds)
+            self._on_rest(subject, key_fingerprint, seconds)
 
     def locked(self, origin: str, key: str, seconds: float) -> None:
         """
@@ -1539,14 +1540,15 @@ class ClusterNode:
         )
         raise StoreUnconfirmed(name)
 
-    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> None:
+    def rest(self, subject: str, key_fingerprint: str, seconds: float) -> None:
         """
-        Tell the cluster a key rests (best effort: a failure leaves the rest
-        on this instance only).
+        Tell the cluster a key rests, for C{subject} (a provider, or one of
+        its models: L{rest_subject <openclaw.providers.keys.rest_subject>});
+        best effort: a failure leaves the rest on this instance only.
         """
         if not self.up:
             return
-        self._bounded(self.store.rest(provider, key_fingerprint, seconds)).addErrback(
+        self._bounded(self.store.rest(subject, key_fingerprint, seconds)).addErrback(
             lambda failure: self._log.debug("key rest not shared: {error}", error=failure.getErrorMessage())
         )
 

@@ -4,7 +4,8 @@ route all instances serve; L{TOKEN}, the operators' session token): how
 they are written (JSON objects, L{encode_route}, L{encode_token}), read,
 compared (L{record_identity}) and ranked when two are held at the same
 version after the store lost the state (L{route_rank}, L{token_rank}:
-the rule in L{openclaw.cluster.node}).  No other field than these write:
+the rule in L{openclaw.cluster.node}); and when a token record is due to
+be replaced (L{RENEW_AT}, L{renewal_time}).  No other field than these write:
 an instance of an earlier version compares records whole.
 """
 

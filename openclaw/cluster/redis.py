@@ -1013,13 +1013,13 @@ class RedisStore:
             _REPLACE, [self._key("state", name), self.channel], [jti, value, origin, name, str(known)]
         ).addCallback(_versioned)
 
-    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+    def rest(self, subject: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         assert self.node is not None
-        message = f"r\t{self.node.instance}\t{provider}\t{key_fingerprint}\t{seconds}"
+        message = f"r\t{self.node.instance}\t{subject}\t{key_fingerprint}\t{seconds}"
         return self._eval(
             _REST,
             [self._key("rests"), self.channel, self._key("changes")],
-            [str(max(1, round(seconds * 1000))), message, f"{provider}:{key_fingerprint}"],
+            [str(max(1, round(seconds * 1000))), message, f"{subject}:{key_fingerprint}"],
         ).addCallback(lambda _: None)
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:

@@ -142,10 +142,12 @@ class SharedStore(Protocol):
         replacing the same value, one wins; the others get its value.
         """
 
-    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+    def rest(self, subject: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         """
         Record that a provider key rests for C{seconds} (a key expiring
-        with it) and tell the other nodes.
+        with it) and tell the other nodes; C{subject} names what for: a
+        provider, or one of its models
+        (L{rest_subject <openclaw.providers.keys.rest_subject>}).
         """
 
     def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
@@ -317,13 +319,13 @@ class MemoryStore:
             self._write(name, value, origin, uuid.uuid4().hex, known)
         return succeed(self.values[name])
 
-    def rest(self, provider: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
+    def rest(self, subject: str, key_fingerprint: str, seconds: float) -> Deferred[None]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
-        self.rests[provider, key_fingerprint] = self.clock() + seconds
+        self.rests[subject, key_fingerprint] = self.clock() + seconds
         self.changes["expiring"] += 1
         for listener in list(self.rest_listeners):
-            listener(provider, key_fingerprint, seconds)
+            listener(subject, key_fingerprint, seconds)
         return succeed(None)
 
     def count_failure(self, key: str, window: float, failures: int, duration: float, lock: bool) -> Deferred[bool]:

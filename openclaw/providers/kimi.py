@@ -315,11 +315,14 @@ MOONSHOT_CONTEXT_EXCEEDED = re.compile(r"exceeded model token limit|model max le
 #: #1077; UKGovernmentBEIS/inspect_ai#5152).
 MOONSHOT_FORCED_TOOL_CHOICE = re.compile(r"tool_choice\b.*\bincompatible with thinking", re.IGNORECASE)
 #: What a client can do about it: Moonshot's own field turns thinking off
-#: for the call (https://platform.moonshot.ai/docs, the kimi-k2.5 guide),
-#: or the call lets the model choose.
+#: for the call, on the models that take it (kimi-k2.5 and later: its
+#: parameters table, https://platform.moonshot.ai/docs), or the call lets
+#: the model choose; the kimi-k2-thinking models always think (review s42).
 FORCED_TOOL_CHOICE_ADVICE = (
     'Moonshot\'s thinking models take a forced tool_choice ("required" or a named function) only with thinking '
-    'off: send "thinking": {"type": "disabled"} with it (the openai SDK: extra_body), or tool_choice "auto"'
+    'off: send "thinking": {"type": "disabled"} with it (the openai SDK: extra_body) to a model that takes that '
+    'field (kimi-k2.5 and later), or use tool_choice "auto" (a kimi-k2-thinking model always thinks) or a model '
+    "that does not think"
 )
 
 
