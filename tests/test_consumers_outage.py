@@ -31,6 +31,7 @@ from openclaw.consumers.store import (
     ConsumerStore,
     Retrying,
     StoreNotStarted,
+    database_advice,
     postgres_conninfo,
 )
 from tests.postgres_server import PostgresServer
@@ -332,6 +333,39 @@ class DatabaseLaterTests(TestCase):
         for line in (said, loaded):
             self.assertIn(f"consumers' database {server.url} (DATABASE_URL)", formatEvent(line))
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class WrongDatabaseTests(TestCase):
+    """
+    A DATABASE_URL naming a database PostgreSQL does not have is said so,
+    with what to do, rather than "check that PostgreSQL is running"
+    (consumers trial s42: its advice was that of a server away, and
+    waiting never helps); the user and password likewise.
+    """
+
+    timeout = 120
+
+    @inlineCallbacks
+    def test_missing_database(self) -> Any:
+        server = PostgresServer()
+        self.addCleanup(deferToThread, server.stop)
+        yield deferToThread(server.start)
+        events = capture_log_events(self)
+        url = server.url.rsplit("/", 1)[0] + "/openclaw2"
+        gateway = start_gateway(self, database_url=url)
+        yield gateway.service.consumers_ready
+        self.assertFalse(gateway.service.consumers.loaded)
+        [said] = [e for e in events if "cannot be used" in e.get("log_format", "")]
+        line = formatEvent(said)
+        self.assertIn("check the database name in DATABASE_URL (or create it: createdb NAME)", line)
+        self.assertIn(f"consumers' database {url} (DATABASE_URL)", line)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_credentials_advice(self) -> None:
+        for said in ('password authentication failed for user "openclaw"', "fe_sendauth: no password supplied"):
+            advice = database_advice(Failure(psycopg.OperationalError(said)))
+            self.assertIn("check the user name and password in DATABASE_URL", advice)
+            self.assertIn("%40", advice)
 
 
 class StopWithSilentDatabaseTests(TestCase):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -530,6 +531,16 @@ def sqlite_file_advice(reason: Failure) -> str | None:
     return None if code is None else _SQLITE_FILE_ADVICE.get(code & 0xFF)
 
 
+#: How PostgreSQL refuses a connection's credentials (its messages for
+#: SQLSTATE 28P01 and 28000; libpq's when it has no password to send).
+_BAD_CREDENTIALS = re.compile(
+    r"password authentication failed|no password supplied|role \S+ does not exist|authentication failed for user",
+    re.IGNORECASE,
+)
+#: How PostgreSQL refuses a database that does not exist (SQLSTATE 3D000).
+_NO_DATABASE = re.compile(r"database \S+ does not exist", re.IGNORECASE)
+
+
 def database_advice(reason: Failure) -> str:
     """
     What the operator should check or do about C{reason}, a failed use of
@@ -543,6 +554,15 @@ def database_advice(reason: Failure) -> str:
     if reason.check(NewerSchema):
         return _NEWER_SCHEMA_ADVICE
     if reason.check(psycopg.Error, adbapi.ConnectionLost, _DeadConnection):
+        said = str(reason.value)
+        if _BAD_CREDENTIALS.search(said):
+            # Not a PostgreSQL away: waiting will not help (consumers trial s42).
+            return (
+                "check the user name and password in DATABASE_URL (a password holding @ : / % # ? or a space "
+                "must be percent-encoded in the URL: %40 %3A %2F %25 %23 %3F %20), then restart the gateway"
+            )
+        if _NO_DATABASE.search(said):
+            return "check the database name in DATABASE_URL (or create it: createdb NAME), then restart the gateway"
         return "check DATABASE_URL (that PostgreSQL is running and reachable)"
     return "check DATABASE_URL (that PostgreSQL is running and reachable) or that STATE_DIR is writable"
 
