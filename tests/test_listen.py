@@ -44,12 +44,12 @@ from twisted.web.http import H2_ENABLED
 from zope.interface import implementer
 
 from openclaw import tap
-from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS
+from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS, KEYLESS_HTTP2_MAX_BYTES
 from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService, StartRefused
 from openclaw.tap import Options, makeService
-from tests.support import connect, free_port, open_client
+from tests.support import capture_log_events, connect, free_port, open_client
 from tests.test_controlplane import close_frame, opening_handshake
 from tests.wsfuzz import frame
 
@@ -986,6 +986,27 @@ class Http2Tests(TLSGateway):
         self.assertEqual((agreed, status), ("h2", 401))
 
     @inlineCallbacks
+    def test_flood_aborted(self):
+        """
+        A keyless client that floods SETTINGS frames (each answered) is
+        aborted once it has sent KEYLESS_HTTP2_MAX_BYTES (hostile trial
+        s42: about 6 s of the reactor a connection, until twisted.web's
+        answers backed up past the kernel's buffers); others are served.
+        """
+        events = capture_log_events(self)
+        yield deferToThread(h2_settings_flood, self.port, self.ca, KEYLESS_HTTP2_MAX_BYTES * 4)
+        # The reactor reads what the kernel took meanwhile.
+        for _ in range(100):
+            said = [e for e in events if "without showing a key" in e.get("log_format", "")]
+            if said:
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        [line] = said
+        self.assertIn(f"more than {KEYLESS_HTTP2_MAX_BYTES} bytes", formatEvent(line))
+        _, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
+        self.assertEqual(status, 200)
+
+    @inlineCallbacks
     def test_http2_continuation_flood_is_cut_off(self):
         """
         A header block that never ends (CONTINUATION frames without end,
@@ -1008,9 +1029,11 @@ class Http2Tests(TLSGateway):
         assert isinstance(self.service, GatewayService)
         self.assertLess(sent, self.service.api_site.limits.linger_bytes + 1_000_000 + socket_buffers())
         lines = [formatEvent(event) for event in events if event.get("log_namespace") == "openclaw.dataplane"]
+        # Keyless, it is cut off sooner still: at KEYLESS_HTTP2_MAX_BYTES
+        # (hostile trial s42), before h2 gives up on the block.
         self.assertIn(
-            "HTTP/2 connection from 127.0.0.1 aborted: its client sent more than 16777216 bytes after twisted.web "
-            "had ended the connection",
+            f"HTTP/2 connection from 127.0.0.1 aborted: its client sent more than {KEYLESS_HTTP2_MAX_BYTES} bytes "
+            "without showing a key",
             "\n".join(lines),
         )
         agreed, status, _ = yield deferToThread(h2_request, self.port, self.ca, "GET", "/healthz")
@@ -1387,6 +1410,40 @@ class Http2KeylessTests(TLSGateway):
         ended, statuses = yield deferToThread(h2_life, self.port, self.ca, key=H2_KEY, body=True, seconds=4)
         self.assertIsNone(ended)
         self.assertEqual(statuses, [400, 200])
+
+
+def h2_settings_flood(port: int, ca: bytes, size: int) -> int:
+    """
+    Over HTTP/2 on TLS: the preface, then empty SETTINGS frames, C{size}
+    bytes of them, reading (and dropping) the server's acknowledgements so
+    that it goes on reading: the bytes sent before the server closed.
+    """
+    context = ssl.create_default_context(cadata=ca.decode())
+    context.set_alpn_protocols(["h2"])
+    settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            try:
+                sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                while sent < size:
+                    sock.sendall(settings * 1000)
+                    sent += len(settings) * 1000
+                    sock.settimeout(0.01)
+                    try:
+                        while sock.recv(65536):
+                            pass
+                    except TimeoutError:
+                        pass
+                    sock.settimeout(5)
+                # Open until the server closes (a close with unread bytes
+                # would reset the connection, and the server would lose
+                # what it had not read yet).
+                while sock.recv(65536):
+                    pass
+            except OSError:
+                pass
+    return sent
 
 
 def h2_life(

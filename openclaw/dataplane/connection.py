@@ -53,6 +53,16 @@ LINGER_MIN_BYTES = 16 * 1024 * 1024
 #: from then on): a client's first head arrives in one round trip, so a
 #: key holder's new connection is never taken for a keyless one.
 KEYLESS_GRACE_SECONDS = 1.0
+#: The most an HTTP/2 connection may send while keyless (no request head
+#: on it has carried an accepted key) before it is aborted, in bytes:
+#: far more than the preface, settings and request heads of a client that
+#: has not shown its key yet take (a body needs a key), and a bound on the
+#: control frames (SETTINGS, PING) a keyless peer makes the gateway
+#: process: twisted.web answers each, and aborts only once its answers
+#: back up past the kernel's buffers, so a flood held the reactor about 6 s
+#: a connection (hostile trial s42).  Within API_KEYLESS_TIMEOUT_SECONDS,
+#: which closes a keyless connection anyway.
+KEYLESS_HTTP2_MAX_BYTES = 256 * 1024
 #: The most of a read of a request's body handed to twisted.web at once
 #: (L{APIConnection._body_read}): what it decodes of a refused body before
 #: the refusal is seen.
@@ -208,6 +218,10 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
                     # counted, and it is keyless for its whole life.
                     self._deadlines.stop_keyless()
                     self.count_keyless()
+        if self._http2 and self.keyless and self.http2_key is not None and self._received > KEYLESS_HTTP2_MAX_BYTES:
+            self._site.http2_keyless_flood(self)
+            self.tcp.abortConnection()
+            return
         if not self._http2 and self._awaiting_body and len(data) > BODY_SLICE_BYTES:
             self._body_read(data)
             return

@@ -44,7 +44,13 @@ from openclaw.addresses import AddressSlots, host_of
 from openclaw.connections import OpenConnections
 from openclaw.consumers.table import Holder
 from openclaw.dataplane.answer import Stream, StreamSendDeadline, WholeAnswer, http11_channel
-from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS, KEYLESS_GRACE_SECONDS, LINGER_MIN_BYTES, APIConnection
+from openclaw.dataplane.connection import (
+    CLOSE_DEADLINE_SECONDS,
+    KEYLESS_GRACE_SECONDS,
+    KEYLESS_HTTP2_MAX_BYTES,
+    LINGER_MIN_BYTES,
+    APIConnection,
+)
 from openclaw.dataplane.context import REQUEST_ID_HEADER, APIContext, new_request_id
 from openclaw.dataplane.errors import APIError
 from openclaw.dataplane.head import (
@@ -851,6 +857,24 @@ class APISite(Site):
             "without end)",
             peer=host_of(connection.tcp.getPeer()),
             limit=self.limits.linger_bytes,
+            **{HTTP2_FLOOD_FIELD: True},
+        )
+
+    def http2_keyless_flood(self, connection: APIConnection) -> None:
+        """
+        C{connection}, an HTTP/2 one whose client has shown no key, is
+        aborted for sending more than
+        L{KEYLESS_HTTP2_MAX_BYTES <openclaw.dataplane.connection.KEYLESS_HTTP2_MAX_BYTES>}:
+        logged at info with the peer, within the lines of
+        L{HTTP2_FLOOD_FIELD} (one a minute: any client can cause it).
+        """
+        if self.context is None:
+            return
+        self.context.log.info(
+            "HTTP/2 connection from {peer} aborted: its client sent more than {limit} bytes without showing a "
+            "key (frames such as SETTINGS or PING, each answered: a flood)",
+            peer=host_of(connection.tcp.getPeer()),
+            limit=KEYLESS_HTTP2_MAX_BYTES,
             **{HTTP2_FLOOD_FIELD: True},
         )
 
