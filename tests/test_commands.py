@@ -42,7 +42,7 @@ class FakeProvider:
     def missing_key_warning(self) -> str | None:
         return f"{self.id.upper()}_API_KEY is not set" if self.key_missing else None
 
-    def unavailable_warning(self) -> str | None:
+    def unavailable_warning(self, model: str | None = None) -> str | None:
         return None
 
     def unlisted_model_warning(self, model: str) -> str | None:

@@ -192,7 +192,8 @@ class RefusalTests(DataPlaneTestCase):
         messages = [HELLO[0], refusal, {"role": "user", "content": "Then say hello."}]
         for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
             yield deferToThread(sdk.chat.completions.create, model=model, messages=messages)
-        self.assertEqual(self.upstream.kimi.last_body["messages"][1], refusal)
+        # Its refusal as its text: Moonshot refuses an empty assistant message.
+        self.assertEqual(self.upstream.kimi.last_body["messages"][1], {**refusal, "content": "I can't"})
         self.assertEqual(
             self.upstream.gemini.last_body["contents"][1], {"role": "model", "parts": [{"text": "I can't"}]}
         )

@@ -490,7 +490,7 @@ class ProviderAdapter(abc.ABC):
             return None
         back_in = keys.back_in(model)
         if back_in is not None:
-            scope = f" of {model}" if keys.rests_by_model and model is not None else ""
+            scope = f" of {model}" if model is not None and keys.back_in() is None else ""
             return f"every key of {self.keys_setting} rests after a 429{scope} for {math.ceil(back_in)} s more"
         return f"every key of {self.keys_setting} was refused by {self.id}: fix them, then run health_check"
 
