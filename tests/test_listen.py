@@ -1042,8 +1042,9 @@ class Http2Tests(TLSGateway):
     @inlineCallbacks
     def test_http2_ping_flood_is_no_error(self):
         """
-        A client with no key that floods PINGs and reads none of the
-        answers: twisted.web aborts its connection and logs that at error;
+        A client that floods PINGs and reads none of the answers (a key
+        holder: a keyless one is cut off sooner, test_flood_aborted):
+        twisted.web aborts its connection and logs that at error;
         the gateway's log shows it at info, with the peer, once a minute
         at most, however many connections do it (L{PEER_CAUSED_LINES}
         names twisted.web's logger: this fails if Twisted renames it).
@@ -1610,8 +1611,8 @@ def continuation_flood(port: int, ca: bytes, seconds: float = 10.0) -> tuple[int
 
 def ping_flood(port: int, ca: bytes, enough: Any, seconds: float = 10.0) -> None:
     """
-    Over HTTP/2 on TLS, without a key: connection after connection (until
-    C{enough()} or C{seconds} pass), send many PING frames with a small
+    Over HTTP/2 on TLS, with a key: connection after connection (until
+    C{enough()} or C{seconds} pass), send a request, then many PING frames with a small
     receive buffer and read nothing (each connection left open for up
     to 2 s, or until C{enough()}).
     """
@@ -1630,6 +1631,10 @@ def ping_flood(port: int, ca: bytes, enough: Any, seconds: float = 10.0) -> None
         with context.wrap_socket(raw, server_hostname="127.0.0.1") as sock:
             connection = h2.connection.H2Connection()
             connection.initiate_connection()
+            # A key holder: a keyless connection is cut off sooner, at
+            # KEYLESS_HTTP2_MAX_BYTES (test_flood_aborted).
+            headers = [(":method", "GET"), (":path", "/healthz"), (":scheme", "https"), (":authority", "127.0.0.1")]
+            connection.send_headers(1, [*headers, ("authorization", f"Bearer {H2_KEY}")], end_stream=True)
             for _ in range(20000):
                 connection.ping(b"12345678")
             try:

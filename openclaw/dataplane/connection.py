@@ -226,17 +226,18 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._body_read(data)
             return
         if not self._http2 and not self._awaiting_body:
-            # A request head may end in this read: twisted.web gets the
-            # head alone first, so that what follows it is not parsed when
-            # the head is refused (a body without a key, or too large):
-            # it decoded the rest of the read all the same, one callback
-            # per chunk of a chunked body, so a keyless client sending
-            # 1-byte chunks cost the gateway 70 ms a request (hostile
-            # trial s42).  Dropped instead, as the lingering close drops
-            # what comes after.
+            # A request head may end in this read: when it declares a
+            # chunked body, twisted.web gets the head alone first, so that
+            # what follows it is not decoded when the head is refused (a
+            # body without a key, or too large): it decoded the rest of
+            # the read all the same, a call per chunk, so a keyless client
+            # sending 1-byte chunks cost the gateway 70 ms a request
+            # (hostile trial s42).  Dropped instead, as the lingering close
+            # drops what comes after.  (A body of known length is kept
+            # whole at no cost per byte: not split.)
             end = head_end(self._tail, data)
             self._tail = data[-3:]
-            if 0 < end < len(data):
+            if 0 < end < len(data) and b"chunked" in data[:end].lower():
                 self.protocol.dataReceived(data[:end])
                 if self._lingered is not None:
                     self._linger_read(data[end:])

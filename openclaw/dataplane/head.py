@@ -121,9 +121,10 @@ def head_end(tail: bytes, data: bytes) -> int:
     @param tail: the last bytes read before C{data} (3 are enough), in
         which the blank line may have begun.
     """
-    for taken in (1, 2, 3):
-        if len(data) >= taken and (tail + data[:taken]).endswith(b"\r\n\r\n"):
-            return taken
+    if tail[-1:] in (b"\r", b"\n"):
+        for taken in (1, 2, 3):
+            if len(data) >= taken and (tail + data[:taken]).endswith(b"\r\n\r\n"):
+                return taken
     end = data.find(b"\r\n\r\n")
     return -1 if end < 0 else end + 4
 
