@@ -14,7 +14,7 @@ L{MAX_MODEL_SERIES}), so are the children kept.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
 from typing import Any, Literal, get_args
 
@@ -491,7 +491,10 @@ class GatewayMetrics:
         )
         names = [*commands, INVALID]
         # Every command's children made now: each series is exported (at 0) from the start.
-        self._commands = {(cmd, outcome): answered.labels(cmd, outcome) for cmd in names for outcome in OUTCOMES}
+        self._commands: dict[str, dict[str, Counter]] = {outcome: {} for outcome in OUTCOMES}
+        for cmd in names:
+            for outcome in OUTCOMES:
+                self._commands[outcome][cmd] = answered.labels(cmd, outcome)
         self._command_seconds = {cmd: command_seconds.labels(cmd) for cmd in names}
 
     def command(self, cmd: str, outcome: str) -> None:
@@ -500,7 +503,15 @@ class GatewayMetrics:
         commands given at construction or L{INVALID}, C{outcome} one of
         L{OUTCOMES}.
         """
-        self._commands[(cmd, outcome)].inc()
+        self._commands[outcome][cmd].inc()
+
+    def commands_answered(self, outcome: str) -> Mapping[str, Counter]:
+        """
+        The counters of L{command} for C{outcome} (one of L{OUTCOMES}), by
+        command: for a caller that counts every message (the control
+        plane's C{ping} and C{status}), one lookup and C{inc}.
+        """
+        return self._commands[outcome]
 
     def command_took(self, cmd: str, seconds: float) -> None:
         """

@@ -211,6 +211,8 @@ class ControlPlane:
         self._table = commands.table()
         self._names = ", ".join(self._table)
         self._metrics = metrics or GatewayMetrics(self._table, ())
+        #: The count of each command answered C{ok}, for the high-rate ones.
+        self._answered_ok = self._metrics.commands_answered("ok")
         self._log = log
         self._clock = clock
         self._debug = debug
@@ -275,9 +277,7 @@ class ControlPlane:
                 # In a cluster, only while this instance holds the cluster's
                 # token: one stalled through a rotation would take a change
                 # on the token it revoked.
-                data = message.get("data")
-                fenced: Deferred[Any] = self._fence().addCallbacks(lambda _: handler(data), cluster_refusal)
-                result: Any = fenced
+                result: Any = self._fenced(handler, message.get("data"))
             else:
                 result = handler(message.get("data"))
         except Exception:
@@ -299,10 +299,18 @@ class ControlPlane:
                 # log event to build.
                 encoded = _encode({"ok": True, "cmd": cmd, "result": result})
                 if len(encoded) <= self._max_answer_bytes or not self._max_answer_bytes:
-                    self._metrics.command(cmd, "ok")
+                    self._answered_ok[cmd].inc()
                     return encoded
             answer = self._succeeded(result, cmd)
         return self._audit(answer, cmd, peer, jti, started, fields)
+
+    def _fenced(self, handler: Callable[[object], Any], data: object) -> Deferred[Any]:
+        """
+        C{handler} called with C{data} once the fence allows it (L{FENCED}
+        commands, in a cluster), or the refusal the fence failed with.
+        """
+        assert self._fence is not None
+        return self._fence().addCallbacks(lambda _: handler(data), cluster_refusal)
 
     def _auth_failed(self, connection: Connection, reason: str, cmd: object) -> None:
         """

@@ -48,6 +48,7 @@ from openclaw.web import SERVER_NAME
 #: limit (and rescans the buffer on every read), so cap it.
 MAX_HANDSHAKE_BYTES = 16384
 _CONNECTING = WebSocketServerProtocol.STATE_CONNECTING
+_OPEN = WebSocketServerProtocol.STATE_OPEN
 #: Our close frame sent and its answer awaited, or the closing handshake
 #: over and the connection being dropped (L{ControlProtocol.await_close_answer}).
 _ENDING = frozenset({WebSocketServerProtocol.STATE_CLOSING, WebSocketServerProtocol.STATE_CLOSED})
@@ -421,7 +422,7 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         connection = self.connection
-        if connection is None or self.state != self.STATE_OPEN:
+        if connection is None or self.state != _OPEN:
             # Untrusted, or closing: frames that arrived after our close
             # frame (in the same read) are not answered.
             return
@@ -488,7 +489,7 @@ class ControlProtocol(WebSocketServerProtocol):
 
     def _auth_timed_out(self) -> None:
         self.auth_deadline = None
-        if self.authenticated or self.state != self.STATE_OPEN:
+        if self.authenticated or self.state != _OPEN:
             return
         factory = self.factory
         if factory.metrics is not None:
@@ -510,7 +511,7 @@ class ControlProtocol(WebSocketServerProtocol):
         factory.auth_failed(self)
 
     def _answer(self, encoded: bytes) -> None:
-        if self.state == self.STATE_OPEN:
+        if self.state == _OPEN:
             self.sendMessage(encoded)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
@@ -521,7 +522,7 @@ class ControlProtocol(WebSocketServerProtocol):
         Start the closing handshake with any RFC 6455 code, including the
         ones the public C{sendClose} refuses (1001, 1003, 1008).
         """
-        if self.state == self.STATE_OPEN:
+        if self.state == _OPEN:
             # RFC 6455 section 5.5: a control frame's payload is at most 125
             # bytes, 2 of them the code; cut between characters.
             self.sendCloseFrame(code=code, reasonUtf8=encode_truncate(reason, 123))
@@ -547,7 +548,7 @@ class ControlProtocol(WebSocketServerProtocol):
         of its own.  A client that is still sending when the abort comes
         has had the close frame, and the grace to read it, first.
         """
-        if self.state != self.STATE_OPEN or self.unheard is not None:
+        if self.state != _OPEN or self.unheard is not None:
             return
         self.close_with(code, reason)
         transport = self.tcp
@@ -790,7 +791,7 @@ class ControlFactory(WebSocketServerFactory):
         gone (or the closing handshake timed out and Autobahn dropped them).
         """
         for protocol in self.protocols:
-            if protocol.state == protocol.STATE_OPEN:
+            if protocol.state == _OPEN:
                 protocol.close_with(code, reason)
             else:
                 # Still in its opening handshake: nobody to say goodbye to.
