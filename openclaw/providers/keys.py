@@ -106,14 +106,13 @@ class KeyPool:
         """
         if key in self._set_aside:
             return False
-        now = self.clock()
         resting = self._resting.get(key)
-        if resting is not None and resting > now:
+        if resting is not None and resting > self.clock():
             return False
         if model is None or not self._model_resting:
             return True
         resting = self._model_resting.get((key, model))
-        return resting is None or resting <= now
+        return resting is None or resting <= self.clock()
 
     def pick(self, avoid: Collection[str] = (), model: str | None = None) -> str | None:
         """

@@ -119,9 +119,11 @@ class OpenAIWire:
         body = {**chat.body, "model": model}
         if not self.empty_assistant_content:
             messages = body["messages"]
-            # Validated: each message is an object.
-            if any(message["role"] == "assistant" and _holds_empty(message) for message in messages):
-                body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
+            for message in messages:
+                # Validated: each message is an object.
+                if message["role"] == "assistant" and _holds_empty(message):
+                    body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
+                    break
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
             # client did not (OpenAI's stream_options.include_usage); the
