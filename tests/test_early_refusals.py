@@ -51,6 +51,22 @@ def code_of(answer: bytes) -> Any:
     return json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"]
 
 
+def counted_chunks(case: TestCase) -> list[bytes]:
+    """
+    The pieces of body twisted.web hands to the API's requests from now on
+    to the end of C{case} (L{APIRequest.handleContentChunk}'s calls).
+    """
+    chunks: list[bytes] = []
+    handle = APIRequest.handleContentChunk
+
+    def counted(request: APIRequest, data: bytes) -> None:
+        chunks.append(data)
+        handle(request, data)
+
+    case.patch(APIRequest, "handleContentChunk", counted)
+    return chunks
+
+
 class EarlyRefusalTests(TestCase):
     timeout = 30
 
@@ -139,14 +155,7 @@ class EarlyRefusalTests(TestCase):
         had refused) goes unread, as the later reads of the lingering
         close do; a key holder's body sent with its head is read as ever.
         """
-        chunks: list[bytes] = []
-        handle = APIRequest.handleContentChunk
-
-        def counted(request: APIRequest, data: bytes) -> None:
-            chunks.append(data)
-            handle(request, data)
-
-        self.patch(APIRequest, "handleContentChunk", counted)
+        chunks = counted_chunks(self)
         head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked"
         answer = yield self.send(head, b"1\r\na\r\n" * 11000)
         self.assertEqual((status_of(answer), code_of(answer)), (401, "invalid_api_key"))
@@ -301,14 +310,7 @@ class FragmentedBodyTests(TestCase):
 
     @inlineCallbacks
     def test_refused(self) -> Any:
-        chunks: list[bytes] = []
-        handle = APIRequest.handleContentChunk
-
-        def counted(request: APIRequest, data: bytes) -> None:
-            chunks.append(data)
-            handle(request, data)
-
-        self.patch(APIRequest, "handleContentChunk", counted)
+        chunks = counted_chunks(self)
         head = (
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
             b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
