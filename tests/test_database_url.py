@@ -31,6 +31,9 @@ CASES = [
     ("postgresql://u@127.0.0.1/db?password=a%ZZpw", "invalid percent-encoded token", "a%ZZpw"),
     ("postgresql://u:hunter2-pw@[::1/db", "DATABASE_URL='postgresql://u:***@[::1/db' is invalid", "hunter2-pw"),
     ("postgresql://u:hunter2-pw@db:abc/db", "DATABASE_URL='postgresql://u:***@db:abc/db' is invalid", "hunter2-pw"),
+    # An @ in the password: libpq would take its tail for the host, and
+    # say it in every connection error (re-check s42).
+    ("postgresql://oc:abc@TOPSECRETTAIL@127.0.0.1/db", "percent-encode it as %40", "TOPSECRETTAIL"),
 ]
 
 #: Each URL libpq reads but whose values it (or psycopg, for

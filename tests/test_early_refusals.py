@@ -334,6 +334,46 @@ class FragmentedBodyTests(TestCase):
         self.assertNotEqual(status_of(answer), 400, answer)
 
 
+class SmallReadsTests(TestCase):
+    """
+    A body of known length that comes in many small reads (a slow link,
+    an unbuffered writer) is read whole: its reads are not pieces the
+    client chose (re-check s42: refused as fragmented, told to send the
+    Content-Length it had sent).
+    """
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
+        self.addCleanup(self.gateway.service.api_site.close_connections)
+
+    @inlineCallbacks
+    def test_read_whole(self) -> Any:
+        chunks = counted_chunks(self)
+        body = json.dumps({"messages": HELLO, "metadata": {"k": "v" * 500}}).encode().ljust(MAX_SMALL_PIECES * 16)
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+            b"Authorization: Bearer %s\r\nConnection: close\r\n\r\n" % (len(body), KEY.encode())
+        )
+
+        def trickle() -> bytes:
+            with socket.create_connection(("127.0.0.1", self.gateway.api_port), timeout=10) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(head)
+                for start in range(0, len(body), 8):
+                    sock.sendall(body[start : start + 8])
+                    time.sleep(0.0002)
+                answer = b""
+                while data := sock.recv(65536):
+                    answer += data
+                return answer
+
+        answer = yield deferToThread(trickle)
+        self.assertNotIn(b"request_body_fragmented", answer)
+        self.assertEqual(b"".join(chunks), body)
+
+
 class ProviderLabelTests(GatewayCase):
     @inlineCallbacks
     def test_consumer_limit_is_not_the_providers(self) -> Any:

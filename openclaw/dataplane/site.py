@@ -136,8 +136,8 @@ def _invalid_target() -> APIError:
 _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_authorization))
 
 
-#: A body may come in this many pieces (chunks, DATA frames, reads) of
-#: any size; past them, pieces of L{MIN_PIECE_BYTES} on average, else it
+#: A body may come in this many pieces (chunks, DATA frames) of any
+#: size; past them, pieces of L{MIN_PIECE_BYTES} on average, else it
 #: is refused (400 C{request_body_fragmented}): twisted.web hands each
 #: chunk of a chunked body over in a call of its own, so a key holder's
 #: 2.5 MB body in 1-byte chunks cost seconds of the reactor's time
@@ -189,8 +189,11 @@ class APIRequest(NextTurnRequest):
 
     _received = 0
     #: The pieces the body came in so far (a chunk of a chunked body, a
-    #: DATA frame, a read of a body of known length).
+    #: DATA frame), when they are the client's (L{_framed}).
     _pieces = 0
+    #: The body comes in pieces of the client's choosing: chunked, or over
+    #: HTTP/2 (set at L{gotLength}).
+    _framed = True
     _refusal: APIError | None = None
     #: An HTTP/2 stream's C{(length, has_body)} until its head is whole
     #: and checked (L{gotLength}).
@@ -251,6 +254,7 @@ class APIRequest(NextTurnRequest):
         # Called by twisted.web once the head is whole (requestHeaders set);
         # over HTTP/2 as soon as the content-length field is read.
         connection = self._connection = self.connection
+        self._framed = length is None or connection is None
         has_body = length is None or length > 0
         if connection is not None:
             connection.head_received(has_body, self.channel)
@@ -350,10 +354,16 @@ class APIRequest(NextTurnRequest):
         if self._refusal is not None:
             return
         self._received += len(data)
-        self._pieces = pieces = self._pieces + 1
         if self._received > self.max_request_bytes:
             self._refuse(self._too_large(), unread_body=True)
             return
+        if self._framed:
+            # Pieces the client chose (chunks, DATA frames), not the reads
+            # of a body of known length, which a slow link makes small
+            # (re-check s42: such a body was refused).
+            self._pieces = pieces = self._pieces + 1
+        else:
+            pieces = 0
         if pieces > MAX_SMALL_PIECES and self._received < pieces * MIN_PIECE_BYTES:
             self._refuse(self._too_fragmented(), unread_body=True)
             return

@@ -70,6 +70,14 @@ def _database_url(text: str) -> str:
         raise ConfigError(f"{shown} is invalid: {form}") from None
     if parsed.scheme not in ("postgresql", "postgres") or not (parsed.hostname or parsed.query):
         raise ConfigError(f"{shown} is invalid: {form}")
+    if parsed.netloc.count("@") > 1:
+        # libpq takes the user information to the first @, so what follows
+        # it in the password would be taken for the host, and said (in
+        # clear) in every connection error (re-check s42).
+        raise ConfigError(
+            f"{shown} holds an @ in its user name or password: percent-encode it as %40 (and a : as %3A, / as "
+            "%2F, % as %25, # as %23, ? as %3F)"
+        )
     try:
         conninfo_to_dict(text)
     except PsycopgError as e:
