@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from openclaw.ctl import format_status
+from openclaw.ctl.show import format_health
 from openclaw.dataplane import sse
 from openclaw.dataplane.errors import upstream_refused
 from openclaw.providers.breaker import CircuitBreaker
@@ -265,6 +266,19 @@ class SettingsTests(SynchronousTestCase):
             {"providers": {"kimi": {"breaker": "open", "keys": {"1a2b3c4d": "ok", "5e6f7a8b": "resting"}}}}
         )
         self.assertEqual(text, "providers: kimi breaker open, keys 1/2")
+        # A Gemini key resting for one model serves the others (re-check
+        # s42: "keys 0/1" was printed while flash and embeddings worked).
+        text = format_status(
+            {"providers": {"gemini": {"breaker": "closed", "keys": {"9c9ec83c": "resting for gemini-2.5-pro"}}}}
+        )
+        self.assertEqual(text, "providers: gemini breaker closed, keys 1/1 (resting for gemini-2.5-pro)")
+        line = format_health(
+            {
+                "active": "gemini",
+                "providers": {"gemini": {"ok": True, "keys": {"9c9ec83c": "resting for gemini-2.5-pro-preview-0506"}}},
+            }
+        )
+        self.assertIn("keys 1/1 usable (9c9ec83c resting for gemini-2.5-pro-preview-0506)", line)
 
 
 class ResilienceTestCase(DataPlaneTestCase):

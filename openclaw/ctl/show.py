@@ -293,9 +293,29 @@ def format_provider_states(providers: Mapping[str, Any]) -> str:
         keys = state.get("keys")
         text = f"{provider_id} breaker {state.get('breaker', '?')}"
         if isinstance(keys, Mapping):
-            text += f", keys {sum(1 for v in keys.values() if v == 'ok')}/{len(keys)}"
+            text += f", keys {sum(1 for v in keys.values() if _usable(v))}/{len(keys)}"
+            # A key resting for some models only (Gemini's) serves the others.
+            partly = [str(v) for v in keys.values() if _partly(v)]
+            if partly:
+                text += f" ({printable('; '.join(partly), 200)})"
         parts.append(text)
     return "; ".join(parts)
+
+
+def _partly(state: object) -> bool:
+    """
+    Whether a key's state is a rest for some models only (C{"resting for
+    <model>, ..."}: L{openclaw.providers.keys.KeyPool.states}).
+    """
+    return isinstance(state, str) and state.startswith("resting for ")
+
+
+def _usable(state: object) -> bool:
+    """
+    Whether a key in C{state} takes calls (of some model, for a key
+    resting for some models only).
+    """
+    return state == "ok" or _partly(state)
 
 
 def format_switch(result: Mapping[str, Any]) -> str:
@@ -330,8 +350,8 @@ def format_health(result: Mapping[str, Any]) -> str:
         keys = entry.get("keys")
         if isinstance(keys, Mapping) and any(state != "ok" for state in keys.values()):
             # A pool's key out of use: the listing probed may still be ok.
-            usable = sum(1 for state in keys.values() if state == "ok")
-            out = ", ".join(f"{printable(str(k), 16)} {printable(str(v), 16)}" for k, v in keys.items() if v != "ok")
+            usable = sum(1 for state in keys.values() if _usable(state))
+            out = ", ".join(f"{printable(str(k), 16)} {printable(str(v), 200)}" for k, v in keys.items() if v != "ok")
             detail = f"{detail}; keys {usable}/{len(keys)} usable ({out})".lstrip("; ")
         stalled = entry.get("stalled_s")
         if isinstance(stalled, (int, float)) and not isinstance(stalled, bool):
