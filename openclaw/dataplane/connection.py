@@ -125,6 +125,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
     _started = False
     #: A request's head is whole and its body is still to come (HTTP/1.1).
     _awaiting_body = False
+    #: That body is chunked (a call of twisted.web's per chunk: read in
+    #: slices, L{_body_read}).
+    _chunked_body = False
     #: The large answer going out, while its send deadline is in force.
     _sending: WholeAnswer | None = None
     #: A stop closes the connection once that answer is all handed over.
@@ -222,7 +225,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._site.http2_keyless_flood(self)
             self.tcp.abortConnection()
             return
-        if not self._http2 and self._awaiting_body and len(data) > BODY_SLICE_BYTES:
+        if not self._http2 and self._chunked_body and self._awaiting_body and len(data) > BODY_SLICE_BYTES:
             self._body_read(data)
             return
         if not self._http2 and not self._awaiting_body:
@@ -254,7 +257,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
 
     def _body_read(self, data: bytes) -> None:
         """
-        A read of a request's body (HTTP/1.1), handed to twisted.web
+        A read of a request's chunked body (HTTP/1.1), handed to twisted.web
         L{BODY_SLICE_BYTES} at a time, so that once the body is refused (too
         large, or in pieces too small: L{openclaw.dataplane.site.APIRequest})
         the rest of the read is dropped unparsed, as the lingering close
@@ -345,7 +348,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             )
         )
 
-    def head_received(self, has_body: bool, channel: object) -> None:
+    def head_received(self, has_body: bool, channel: object, chunked: bool = False) -> None:
         """
         A request's head is whole: its body, if it has one, may now take
         up to C{API_BODY_TIMEOUT_SECONDS}.  A request is under way (a 408
@@ -356,11 +359,14 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
         @param channel: the request's channel (twisted.web's
             L{twisted.web.http.HTTPChannel}): at the first request this connection becomes
             the transport's producer in its place (L{pauseProducing}).
+        @param chunked: its body is chunked: its reads go to twisted.web
+            in slices (L{_body_read}).
         """
         if self._channel is None:
             self._produce_for(cast(IPushProducer, channel))
         self._started = True
         self._awaiting_body = has_body
+        self._chunked_body = has_body and chunked
         if has_body:
             self._deadlines.arm(self._site.limits.body_timeout, "API_BODY_TIMEOUT_SECONDS", "its body")
         else:

@@ -257,7 +257,7 @@ class APIRequest(NextTurnRequest):
         self._framed = length is None or connection is None
         has_body = length is None or length > 0
         if connection is not None:
-            connection.head_received(has_body, self.channel)
+            connection.head_received(has_body, self.channel, chunked=length is None)
         elif http11_channel(self) is None:
             # An HTTP/2 stream: twisted.web calls this on reading its
             # content-length field, before the fields after it (an
