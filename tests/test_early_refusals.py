@@ -333,23 +333,14 @@ class FragmentedBodyTests(TestCase):
         self.assertEqual(b"".join(chunks), body)
         self.assertNotEqual(status_of(answer), 400, answer)
 
-
-class SmallReadsTests(TestCase):
-    """
-    A body of known length that comes in many small reads (a slow link,
-    an unbuffered writer) is read whole: its reads are not pieces the
-    client chose (re-check s42: refused as fragmented, told to send the
-    Content-Length it had sent).
-    """
-
-    timeout = 30
-
-    def setUp(self) -> None:
-        self.gateway = start_gateway(self, api=True, gateway_api_keys=(KEY,))
-        self.addCleanup(self.gateway.service.api_site.close_connections)
-
     @inlineCallbacks
     def test_read_whole(self) -> Any:
+        """
+        A body of known length that comes in many small reads (a slow
+        link, an unbuffered writer) is read whole: its reads are not
+        pieces the client chose (re-check s42: refused as fragmented, told
+        to send the Content-Length it had sent).
+        """
         chunks = counted_chunks(self)
         body = json.dumps({"messages": HELLO, "metadata": {"k": "v" * 500}}).encode().ljust(MAX_SMALL_PIECES * 16)
         head = (
