@@ -69,6 +69,8 @@ class EmbeddingsKeyPoolTests(DataPlaneTestCase):
         self.assertEqual(response.code, 429)
         self.assertIsNotNone(response.headers.getRawHeaders("retry-after"))
         self.assertEqual(gemini.requests, 0)
+        # Said of the embeddings model alone (re-check s42).
+        self.assertIn("rate limited for gemini-embedding-001 (its other models may take calls)", text)
         for secret in (GEMINI_KEY, SECOND_GEMINI_KEY):
             self.assertNotIn(secret, text)
 

@@ -759,6 +759,19 @@ class BreakerEndToEndTests(ResilienceTestCase):
             "(not failed over to gemini: every key the gateway holds for it is rate limited for 20 s more)",
             json.loads(text)["error"]["message"],
         )
+        # Resting for the model the call would fail over to alone: said by
+        # name (re-check s42: as if every Gemini model were out).
+        gemini.keys.restore(gemini.keys.keys[0])
+        gemini.keys.rest(gemini.keys.keys[0], 0)
+        gemini.keys.rest(gemini.keys.keys[0], 20, gemini.failover_model)
+        gateway.service.providers.get("kimi").breaker.succeeded()
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 502, text)
+        self.assertIn(
+            f"(not failed over to gemini: every key the gateway holds for it is rate limited for "
+            f"{gemini.failover_model} for 20 s more)",
+            json.loads(text)["error"]["message"],
+        )
 
     @inlineCallbacks
     def test_other_endpoints_do_not_judge_completions(self):

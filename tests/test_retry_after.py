@@ -229,6 +229,7 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
         yield consumers_loaded(gateway)
         response, text = yield self.get(gateway, "/readyz")
         self.assertEqual(json.loads(text)["usable_keys"], 0, text)
+        self.assertIn("GEMINI_API_KEYS is rate limited for gemini-2.5-pro (the active model", text)
         client = yield open_client(self, gateway.port)
         answer = yield client.command(
             gateway.token, "switch_provider", {"provider": "gemini", "model": "gemini-2.5-pro"}
@@ -307,8 +308,8 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             self.assertEqual((kimi.requests, gemini.requests), requests)
             message = json.loads(text)["error"]["message"]
             self.assertIn(
-                "every key the gateway holds for kimi is rate limited, and so is every key it holds for gemini, "
-                "where the call would fail over (",
+                "every key the gateway holds for kimi is rate limited, and so is every key it holds for gemini "
+                "(for gemini-flash-latest), where the call would fail over (",
                 message,
             )
             self.assertIn(f"); retry in {told} s", message)
@@ -326,6 +327,28 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             self.assertNotIn("gemini", message)
             kimi.reset()
             gemini.reset()
+
+    @inlineCallbacks
+    def test_every_key_resting_names_the_model(self) -> Any:
+        """
+        When it is the fallback's model alone that its keys rest for, the
+        429 says which (re-check s42: "every key it holds for gemini", as
+        if none of its models could take a call).
+        """
+        gemini, kimi = self.behaviour("gemini"), self.behaviour("kimi")
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 75
+        gemini.rate_limited_models, gemini.retry_after = {"gemini-2.5-flash"}, 30
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"fallback_model": "gemini-2.5-flash"})
+        gateway = self.gateway(providers=providers, default_provider="kimi", fallback="auto")
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        response, text = yield self.post(gateway, {"messages": HELLO})
+        self.assertEqual(response.code, 429, text)
+        self.assertIn(
+            "every key the gateway holds for kimi is rate limited, and so is every key it holds for gemini "
+            "(for gemini-2.5-flash), where the call would fail over (gemini may take the call in ",
+            json.loads(text)["error"]["message"],
+        )
 
     @inlineCallbacks
     def test_no_wait_told_for_a_fallback_that_cannot_take_the_call(self) -> Any:

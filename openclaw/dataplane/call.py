@@ -298,7 +298,7 @@ class ChatCall:
             back_in = keys.back_in(model)
             return self._upstream_failed(
                 keys.unusable_reason(model),
-                no_usable_key(provider_id, adapter.keys_setting, back_in, model if keys.back_in() is None else None),
+                no_usable_key(provider_id, adapter.keys_setting, back_in, keys.resting_model(model)),
                 resting=back_in,
             )
         breaker = adapter.breaker
@@ -795,10 +795,14 @@ class ChatCall:
 
         if resting is not None:
             rested = [
-                (adapter.id, wait) for adapter, wait in waits if not usable(adapter) and self._could_take(adapter)
+                (adapter.id, wait, adapter.keys.resting_model(judged.get(adapter.id, adapter.failover_model)))
+                for adapter, wait in waits
+                if not usable(adapter) and self._could_take(adapter)
             ]
             if rested:
-                error = every_key_resting(self.route.provider_id, resting, rested)
+                error = every_key_resting(
+                    self.route.provider_id, resting, rested, self.adapter.keys.resting_model(self.route.model)
+                )
             # Those that wait for another reason (an open breaker).
             waits = [(adapter, wait) for adapter, wait in waits if usable(adapter)]
         elif breaker is not None and waits and all(usable(adapter) for adapter, _ in waits):
@@ -844,14 +848,19 @@ class ChatCall:
         large = self.request_bytes > self.context.bodies.above
         judged = self._judged_models()
         for adapter, wait in self.context.providers.fallback_waits(self.route.provider_id, judged):
-            usable = adapter.keys.available_for(judged.get(adapter.id, adapter.failover_model))
+            model = judged.get(adapter.id, adapter.failover_model)
+            usable = adapter.keys.available_for(model)
             if usable and adapter.breaker.would_allow():
                 continue
             if not large and not self._could_take(adapter):
                 continue
             unchecked = "; whether it could take this request was not checked" if large else ""
             if not usable:
-                why = f"every key the gateway holds for it is rate limited for {retry_after_seconds(wait)} s more"
+                rested = adapter.keys.resting_model(model)
+                scope = "" if rested is None else f" for {rested}"
+                why = (
+                    f"every key the gateway holds for it is rate limited{scope} for {retry_after_seconds(wait)} s more"
+                )
             elif adapter.breaker.state is BreakerState.OPEN:
                 why = (
                     f"it has been failing too, and its breaker is open for {retry_after_seconds(wait)} s more "

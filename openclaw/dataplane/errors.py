@@ -538,27 +538,36 @@ def no_usable_key(provider_id: str, key_setting: str, back_in: float | None, mod
     )
 
 
-def every_key_resting(provider_id: str, seconds: float, fallbacks: Sequence[tuple[str, float]]) -> APIError:
+def every_key_resting(
+    provider_id: str, seconds: float, fallbacks: Sequence[tuple[str, float, str | None]], model: str | None = None
+) -> APIError:
     """
     429: every key of the call's provider (C{provider_id}, back in
-    C{seconds}) rests after a 429, and so does every key of each provider
+    C{seconds}; for C{model} alone, when it is that model's rests that keep
+    them away) rests after a 429, and so does every key of each provider
     the call could fail over to (C{fallbacks}: their ids, each with the
-    seconds until it may take the call), so no provider can take it now.
-    Said as such, each provider's wait named, soonest first, and the
-    client told to retry (C{Retry-After}) when the first of them can: not
-    the call's provider's wait alone, as if the fallback could take it.
+    seconds until it may take the call and the model its keys rest for,
+    or None), so no provider can take it now.  Said as such, each
+    provider's wait named, soonest first, and the client told to retry
+    (C{Retry-After}) when the first of them can: not the call's
+    provider's wait alone, as if the fallback could take it.
     """
-    waits = sorted([(provider_id, seconds), *fallbacks], key=lambda entry: entry[1])
+    waits = sorted(
+        [(provider_id, seconds), *((fallback, wait) for fallback, wait, _ in fallbacks)], key=lambda entry: entry[1]
+    )
     soonest = waits[0][1]
-    others = " and ".join(fallback for fallback, _ in fallbacks)
+    others = " and ".join(
+        fallback + ("" if rested is None else f" (for {rested})") for fallback, _, rested in fallbacks
+    )
     first, *rest = waits
     told = f"{first[0]} may take the call in {retry_after_seconds(first[1])} s" + "".join(
         f", {other} in {retry_after_seconds(wait)} s" for other, wait in rest
     )
+    scope = "" if model is None else f" for {model}"
     return APIError(
         429,
-        f"every key the gateway holds for {provider_id} is rate limited, and so is every key it holds for {others}, "
-        f"where the call would fail over ({told}); retry in {retry_after_seconds(soonest)} s",
+        f"every key the gateway holds for {provider_id} is rate limited{scope}, and so is every key it holds for "
+        f"{others}, where the call would fail over ({told}); retry in {retry_after_seconds(soonest)} s",
         "rate_limit_error",
         "rate_limit_exceeded",
         retry_after=retry_after_seconds(soonest),

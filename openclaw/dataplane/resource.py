@@ -89,7 +89,7 @@ def pooled_call_error(adapter: ProviderAdapter, value: BaseException | None, *, 
             prompt_param="input",
         )
     if isinstance(value, NoUsableKey):
-        return no_usable_key(provider_id, adapter.keys_setting, value.back_in)
+        return no_usable_key(provider_id, adapter.keys_setting, value.back_in, value.model)
     if isinstance(value, BreakerOpen):
         return breaker_open(provider_id, value.remaining)
     if isinstance(value, MissingKey):
@@ -480,7 +480,13 @@ class Readyz(APIResource):
         if not adapter.keys.keys:
             why = f"{adapter.key_variable} is not set"
         elif not usable:
-            why = f"every key in {adapter.keys_setting} is rate limited or refused"
+            rested = adapter.keys.resting_model(current.model)
+            why = (
+                f"every key in {adapter.keys_setting} is rate limited or refused"
+                if rested is None
+                else f"every key in {adapter.keys_setting} is rate limited for {rested} (the active model; "
+                "switch_provider to another model of it, or wait)"
+            )
         else:
             why = f"the circuit breaker is {breaker}"
         target = context.providers.fallback_for(provider_id) if context.fallback != "off" else None

@@ -695,7 +695,9 @@ class ProviderAdapter(abc.ABC):
         key = keys.pick(avoid, model)
         if key is None:
             raise NoUsableKey(
-                f"no key of {self.keys_setting} may be used now ({keys.unusable_reason(model)})", keys.back_in(model)
+                f"no key of {self.keys_setting} may be used now ({keys.unusable_reason(model)})",
+                keys.back_in(model),
+                keys.resting_model(model),
             )
         breaker = self.breaker
         if breaker.state is BreakerState.OPEN:

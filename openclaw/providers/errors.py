@@ -158,10 +158,14 @@ class NoUsableKey(ProviderError):
     as refused (L{openclaw.providers.keys.KeyPool}): no request was made.
     """
 
-    def __init__(self, message: str, back_in: float | None) -> None:
+    def __init__(self, message: str, back_in: float | None, model: str | None = None) -> None:
         super().__init__(message)
         #: Seconds until the first resting key is back; None when none rests.
         self.back_in = back_in
+        #: The model whose own rests keep every key away (the provider's
+        #: other models may take calls: L{KeyPool.resting_model
+        #: <openclaw.providers.keys.KeyPool.resting_model>}); else None.
+        self.model = model
 
 
 class BreakerOpen(ProviderError):

@@ -245,6 +245,17 @@ class KeyPool:
             return "auth"
         return "no_key"
 
+    def resting_model(self, model: str | None) -> str | None:
+        """
+        C{model} when it is its own rests alone that keep every key from
+        its calls (L{rests_by_model}, no key resting whole): the
+        provider's other models may take calls, and a client's or an
+        operator's message says which model rests.  None otherwise.
+        """
+        if model is None or not self.rests_by_model or self.back_in() is not None:
+            return None
+        return model if self.back_in(model) is not None else None
+
     def back_in(self, model: str | None = None) -> float | None:
         """
         Seconds until the first resting key may be used again (for a call
