@@ -1582,10 +1582,14 @@ class GatewayService(SequentialMultiService):
         C{issued}, the token in force, expires, as the control plane then
         takes no command until a restart (or, set forward, when the host's
         clock is: hostile trial s40, where the control plane shut without
-        a word).  Replaces the watch of the token before.
+        a word).  Replaces the watch of the token before.  None is armed
+        once the stop has begun (a rotation answered during its grace).
         """
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
+        if self._stopping_at:
+            self._expiry = None
+            return
         delay = max(0.0, issued.expires_at - self._reactor.seconds())
         self._expiry = self._reactor.callLater(delay, self._token_expired, issued)
 

@@ -317,6 +317,36 @@ class StopTests(TestCase):
         self.assertFalse(any(p.name.startswith(".token.") for p in directory.iterdir()))
 
 
+    @inlineCallbacks
+    def test_rotation_answered_during_the_stop(self):
+        """
+        A rotation whose token file is written during the stop's grace is
+        answered, and arms no watch of its token's expiry once the stop
+        has begun (review s43: a call left pending for the token's
+        lifetime, after the service had stopped).
+        """
+        directory = Path(self.mktemp())
+        directory.mkdir(parents=True)
+        token_file = directory / "token"
+        writes = BlockingWrites(token_file)
+        gateway = start_gateway(
+            self, service_options={"write_file": writes}, token_file=token_file, shutdown_grace_seconds=5
+        )
+        client = yield open_client(self, gateway.port)
+        rotated = client.command(gateway.token, "rotate_token")
+        began = yield entered(writes)
+        self.assertTrue(began)
+        stopped = gateway.service.stopService()
+        yield settle(0.3)
+        writes.release.set()
+        answer = yield within(rotated, 5.0, "the rotation's answer")
+        self.assertTrue(answer["ok"], answer)
+        yield within(stopped, 10.0, "the stop")
+        self.assertEqual(
+            [call for call in reactor.getDelayedCalls() if "_token_expired" in repr(call.func)], [], "a watch armed"
+        )
+
+
 class StopDropsTests(TestCase):
     """
     At a stop, the writes not begun are dropped (review s33: the stop

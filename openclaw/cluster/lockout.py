@@ -59,7 +59,9 @@ class SharedLockout:
         if not already:
             self.node.count_failure(
                 key, self.local.window, self.local.failures, self.local.duration, until is not None
-            ).addCallback(self._counted, key, until is not None)
+            ).addCallback(self._counted, key, until is not None).addErrback(
+                lambda failure: self._log.failure("lockout of {key} not imposed", failure, key=key)
+            )
         return until
 
     def _counted(self, locked: bool, key: str, here: bool) -> None:

@@ -440,7 +440,11 @@ class ControlProtocol(WebSocketServerProtocol):
         if isinstance(answer, bytes):
             self.sendMessage(answer)
         else:
-            answer.addCallback(self._answer)
+            answer.addCallback(self._answer).addErrback(
+                lambda failure: self.factory.events.failure(
+                    "control answer to {peer} failed unexpectedly", failure, peer=self.peer_label
+                )
+            )
         if connection.failed_auths > failed_before:
             self.factory.auth_failed(self)
         elif connection.authenticated and not self.authenticated:

@@ -913,10 +913,10 @@ def _same_json(content: Any, arguments: Any) -> bool:
 
 #: What L{_openai_schema} and L{_gemini_schema} return for JSON asked for
 #: with no schema (C{json_object}, C{responseMimeType} alone).
-ANY_JSON: dict[str, Any] = {}
+ANY_JSON: Mapping[str, Any] = MappingProxyType({})
 
 
-def _openai_schema(response_format: Any) -> dict[str, Any] | None:
+def _openai_schema(response_format: Any) -> Mapping[str, Any] | None:
     """
     The JSON Schema an OpenAI C{response_format} asks the answer to follow:
     C{json_schema.schema}, L{ANY_JSON} for C{json_object}; None for text.
@@ -931,7 +931,7 @@ def _openai_schema(response_format: Any) -> dict[str, Any] | None:
     return None
 
 
-def _gemini_schema(config: dict[str, Any]) -> dict[str, Any] | None:
+def _gemini_schema(config: dict[str, Any]) -> Mapping[str, Any] | None:
     """
     The schema a C{generationConfig} asks the answer to follow
     (C{responseJsonSchema}, or the OpenAPI subset's C{responseSchema}),
@@ -944,7 +944,7 @@ def _gemini_schema(config: dict[str, Any]) -> dict[str, Any] | None:
     return schema if isinstance(schema, dict) else ANY_JSON
 
 
-def _structured_reply(schema: dict[str, Any] | None, behaviour: ProviderBehaviour) -> str:
+def _structured_reply(schema: Mapping[str, Any] | None, behaviour: ProviderBehaviour) -> str:
     """
     The reply as text, or, when JSON was asked for, a JSON document that
     follows C{schema} (L{schema_instance}; the reply itself where a
@@ -1000,7 +1000,7 @@ MAX_INSTANCE_VALUES = 10_000
 MAX_INSTANCE_CHARACTERS = 1_000_000
 
 
-def schema_instance(schema: Any, root: dict[str, Any], text: str) -> Any:
+def schema_instance(schema: Any, root: Mapping[str, Any], text: str) -> Any:
     """
     A small value valid against C{schema} (JSON Schema, or Gemini's OpenAPI
     subset with upper-case types): every property of an object, the fewest
