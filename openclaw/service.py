@@ -50,13 +50,11 @@ from openclaw.cluster.scrape import (
 from openclaw.cluster.workers import PORT_TAKEN_STATUS
 from openclaw.consumers.commands import LIST_ENVELOPE_BYTES, ConsumerCommands
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.service import ConsumersService
+from openclaw.consumers.service import ConsumersService, unusable_database_file
 from openclaw.consumers.shared import SharedConsumers, SharedCounters
 from openclaw.consumers.store import (
     ConsumerStore,
-    UnusableDatabaseFile,
     remove_new_database,
-    sqlite_file,
     sqlite_path,
 )
 from openclaw.consumers.table import ConsumerTable
@@ -1400,19 +1398,9 @@ class GatewayService(SequentialMultiService):
 
         @raise StartRefused: it cannot be used.
         """
-        if self.settings.database_url:
-            return
-        try:
-            sqlite_file(self.settings.state_dir)
-        except UnusableDatabaseFile as e:
-            # Worded as the tap's refusal (openclaw.tap._check_database_file).
-            source = self.settings.source("STATE_DIR")
-            self._refuse(
-                "the consumers' database in STATE_DIR cannot be used",
-                "{named}: {error}; or point STATE_DIR / --state-dir at another directory",
-                named=f"STATE_DIR (--state-dir)={str(self.settings.state_dir)!r}" + (f" ({source})" if source else ""),
-                error=str(e),
-            )
+        refusal = unusable_database_file(self.settings)
+        if refusal is not None:
+            self._refuse("the consumers' database in STATE_DIR cannot be used", "{refusal}", refusal=refusal)
 
     def _refuse(self, short: str, line: str, **fields: object) -> NoReturn:
         """

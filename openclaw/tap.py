@@ -41,7 +41,8 @@ from openclaw.cluster.workers import (
     reserve,
     worker_argv,
 )
-from openclaw.consumers.store import UnusableDatabaseFile, remove_new_database, sqlite_file, sqlite_path
+from openclaw.consumers.service import unusable_database_file
+from openclaw.consumers.store import remove_new_database, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory, named_uid
 from openclaw.listeners import (
     MAX_TLS_FILE_BYTES,
@@ -627,7 +628,7 @@ def _check_token_file(settings: Settings) -> None:
     """
     if settings.token_file is None:
         return
-    named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
+    named = settings.named("TOKEN_FILE", "--token-file", str(settings.token_file))
     _check_sticky_held(settings, named)
     try:
         check_token_file(settings.token_file)
@@ -756,13 +757,11 @@ def _check_database_file(settings: Settings) -> Path | None:
         return None
     database = sqlite_path(settings.state_dir)
     made = not os.path.lexists(database)
-    try:
-        sqlite_file(settings.state_dir)
-    except UnusableDatabaseFile as e:
+    refusal = unusable_database_file(settings)
+    if refusal is not None:
         if made:
             remove_new_database(database)
-        named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
-        raise ConfigError(f"{named}: {e}; or point STATE_DIR / --state-dir at another directory") from None
+        raise ConfigError(refusal)
     return database if made else None
 
 
@@ -810,7 +809,7 @@ def _lock_state_dir(settings: Settings) -> PidLock:
         file cannot be used.
     """
     cluster = settings.redis_url is not None
-    named = _named(settings, "STATE_DIR", "--state-dir", str(settings.state_dir))
+    named = settings.named("STATE_DIR", "--state-dir", str(settings.state_dir))
     try:
         return lock_state_dir(settings.state_dir, shared=cluster)
     except LockHeld as e:
@@ -844,7 +843,7 @@ def _lock_token_file(settings: Settings) -> PidLock | None:
     """
     if settings.token_file is None or settings.redis_url is not None:
         return None
-    named = _named(settings, "TOKEN_FILE", "--token-file", str(settings.token_file))
+    named = settings.named("TOKEN_FILE", "--token-file", str(settings.token_file))
     try:
         return lock_token_file(settings.token_file)
     except LockHeld as e:
@@ -966,19 +965,19 @@ def _endpoint(
                 _lock(port_locks, listener, address[1])
         unusable = unix_socket_problem(description)
         if unusable is not None:
-            raise ConfigError(f"{_named(settings, *endpoint_setting, description)} cannot be used: {unusable}")
+            raise ConfigError(f"{settings.named(*endpoint_setting, description)} cannot be used: {unusable}")
         problem = tls_file_problem(description)
         if problem is not None:
             parameter, reason = problem
             raise ConfigError(
-                f"{_named(settings, *endpoint_setting, description)} cannot be used: {reason}; point "
+                f"{settings.named(*endpoint_setting, description)} cannot be used: {reason}; point "
                 f"{parameter} at a regular PEM file of at most {MAX_TLS_FILE_BYTES // 1024 // 1024} MiB"
             )
     try:
         endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
     except Exception as e:
         raise ConfigError(
-            f"{_named(settings, *endpoint_setting, description)} is not a usable Twisted endpoint: {e}"
+            f"{settings.named(*endpoint_setting, description)} is not a usable Twisted endpoint: {e}"
         ) from None
     return NamedEndpoint(endpoint, listener)
 
@@ -1025,17 +1024,6 @@ def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> ipaddre
     # ::ffff:127.0.0.1 is 127.0.0.1 to a dual-stack socket.
     mapped = address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else None
     return mapped or address
-
-
-def _named(settings: Settings, name: str, option: str, value: str) -> str:
-    """
-    A setting as a refusal names it: C{NAME (--option)='value'}, then
-    where the value came from (L{Settings.source}), as the line of a bad
-    value does (L{load_settings}): C{TOKEN_FILE (--token-file)='/x' (from
-    the environment)}.
-    """
-    source = settings.source(name)
-    return f"{name} ({option})={value!r}" + (f" ({source})" if source else "")
 
 
 def speaks_tls(description: str | None) -> bool:

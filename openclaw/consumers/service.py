@@ -36,7 +36,9 @@ from openclaw.consumers.store import (
     ConsumerStore,
     DatabaseFileLost,
     Retrying,
+    UnusableDatabaseFile,
     log_database_failure,
+    sqlite_file,
     sqlite_path,
 )
 from openclaw.consumers.table import ConsumerTable
@@ -292,6 +294,25 @@ def check_usage_dates(store: ConsumerStore, clock: IReactorTime, where: str, log
         )
 
     return maybeDeferred(store.usage, None, now + CLOCK_STEP_SECONDS, None, "day").addCallbacks(checked, failed)
+
+
+def unusable_database_file(settings: Settings) -> str | None:
+    """
+    Why the consumers' SQLite file in C{STATE_DIR} (C{DATABASE_URL}
+    unset) cannot be used (L{sqlite_file}, which makes it, private, when
+    missing: a directory in the way, permission denied), as a refusal to
+    start says it, with what to do; None when it can, or C{DATABASE_URL}
+    is set.  Both C{twistd openclaw}'s check before daemonizing
+    (L{openclaw.tap.makeService}) and the service's at start say it so.
+    """
+    if settings.database_url:
+        return None
+    try:
+        sqlite_file(settings.state_dir)
+    except UnusableDatabaseFile as e:
+        named = settings.named("STATE_DIR", "--state-dir", str(settings.state_dir))
+        return f"{named}: {e}; or point STATE_DIR / --state-dir at another directory"
+    return None
 
 
 class ConsumersService(Service):

@@ -456,6 +456,16 @@ class Settings:
         """
         return self.sources.get(name)
 
+    def named(self, name: str, option: str, value: str) -> str:
+        """
+        A setting as a refusal names it: C{NAME (--option)='value'}, then
+        where the value came from (L{source}), as the line of a bad value
+        does (L{load_settings}): C{TOKEN_FILE (--token-file)='/x' (from the
+        environment)}.
+        """
+        source = self.source(name)
+        return f"{name} ({option})={value!r}" + (f" ({source})" if source else "")
+
     @property
     def fallback_order(self) -> tuple[str, ...] | None:
         """
