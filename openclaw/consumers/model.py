@@ -27,6 +27,7 @@ from typing import Any
 import attrs
 
 from openclaw.routing import KEY_PREFIX, MAX_MODEL_CHARS
+from openclaw.shorten import shortened
 from openclaw.timefmt import isoformat
 
 #: Random characters after C{ock-}.
@@ -338,7 +339,7 @@ def consumer_changes(data: Mapping[str, Any]) -> dict[str, Any]:
     """
     unknown = data.keys() - FIELDS
     if unknown:
-        named = ", ".join(name[:40] + ("…" if len(name) > 40 else "") for name in sorted(unknown)[:5])
+        named = ", ".join(shortened(name, 40) for name in sorted(unknown)[:5])
         named += ", ..." if len(unknown) > 5 else ""
         raise InvalidConsumer(f"unknown field(s): {named}; allowed: {', '.join(sorted(FIELDS))}")
     check_name(data.get("name"))

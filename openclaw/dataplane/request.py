@@ -38,6 +38,7 @@ from openclaw.dataplane.errors import (
     bad_request,
 )
 from openclaw.routing import Route, model_refusal
+from openclaw.shorten import shortened
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
@@ -929,14 +930,19 @@ def _metadata(name: str, value: Any) -> None:
         raise bad_request(f"{rule}: it has {len(value)} keys; keep {METADATA_KEYS} at most", param=name)
     for key, item in value.items():
         if len(key) > METADATA_KEY_CHARS:
-            raise bad_request(f"{rule}: the key {_clipped(key)!r} has {len(key)} characters; shorten it", param=name)
+            raise bad_request(
+                f"{rule}: the key {shortened(key, LISTED_CALL_ID_CHARS)!r} has {len(key)} characters; shorten it",
+                param=name,
+            )
         if not isinstance(item, str):
             raise bad_request(
-                f'{rule}: the value of {_clipped(key)!r} is not a string; send it as a string ("7", not 7)', param=name
+                f'{rule}: the value of {shortened(key, LISTED_CALL_ID_CHARS)!r} is not a string; send it as a string ("7", not 7)',
+                param=name,
             )
         if len(item) > METADATA_VALUE_CHARS:
             raise bad_request(
-                f"{rule}: the value of {_clipped(key)!r} has {len(item)} characters; shorten it", param=name
+                f"{rule}: the value of {shortened(key, LISTED_CALL_ID_CHARS)!r} has {len(item)} characters; shorten it",
+                param=name,
             )
 
 
@@ -1011,19 +1017,19 @@ def _logit_bias(name: str, value: Any) -> None:
         if ZERO_PADDED.fullmatch(token) and TOKEN_ID.fullmatch(unpadded) and int(unpadded) <= MAX_TOKEN_ID:
             # Told how to write it only where that is a token id.
             raise bad_request(
-                f"logit_bias: the key {_clipped(token)!r} is a token id written with leading zeros, which the "
+                f"logit_bias: the key {shortened(token, LISTED_CALL_ID_CHARS)!r} is a token id written with leading zeros, which the "
                 f"same id written without them would also name: write it as {unpadded!r}",
                 param=name,
             )
         if not TOKEN_ID.fullmatch(token) or int(token) > MAX_TOKEN_ID:
             raise bad_request(
-                f"logit_bias: the key {_clipped(token)!r} is not a token id; its keys are token ids of the model's "
+                f"logit_bias: the key {shortened(token, LISTED_CALL_ID_CHARS)!r} is not a token id; its keys are token ids of the model's "
                 f'tokenizer, whole numbers from 0 to {MAX_TOKEN_ID} written in decimal digits (no sign, no leading zeros), such as {{"50256": -100}}',
                 param=name,
             )
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise bad_request(
-                f"logit_bias: the bias of token {_clipped(token)!r} must be a number from -100 to 100 (OpenAI's range)",
+                f"logit_bias: the bias of token {shortened(token, LISTED_CALL_ID_CHARS)!r} must be a number from -100 to 100 (OpenAI's range)",
                 param=name,
             )
 
@@ -1503,12 +1509,12 @@ def _check_tool_message(message: dict[str, Any], where: str, history: _History) 
         raise bad_request(f"{where}.tool_call_id must be the id of a tool call", param=f"{where}.tool_call_id")
     if call_id not in history.calls:
         raise bad_request(
-            f"{where}.tool_call_id {_clipped(call_id)!r} matches no tool call of an earlier assistant message",
+            f"{where}.tool_call_id {shortened(call_id, LISTED_CALL_ID_CHARS)!r} matches no tool call of an earlier assistant message",
             param=f"{where}.tool_call_id",
         )
     if call_id not in history.unanswered:
         raise bad_request(
-            f"{where}.tool_call_id {_clipped(call_id)!r} answers no open call: tool messages answer the tool "
+            f"{where}.tool_call_id {shortened(call_id, LISTED_CALL_ID_CHARS)!r} answers no open call: tool messages answer the tool "
             "calls of the assistant message right before them, once each",
             param=f"{where}.tool_call_id",
         )
@@ -1565,7 +1571,7 @@ def _unanswered(where: str, call_ids: dict[str, None]) -> APIError:
     The message names the first L{LISTED_CALL_IDS} of C{call_ids} (each cut
     to L{LISTED_CALL_ID_CHARS} characters) and counts the others.
     """
-    listed = ", ".join(repr(_clipped(call_id)) for call_id in islice(call_ids, LISTED_CALL_IDS))
+    listed = ", ".join(repr(shortened(call_id, LISTED_CALL_ID_CHARS)) for call_id in islice(call_ids, LISTED_CALL_IDS))
     if len(call_ids) > LISTED_CALL_IDS:
         listed += f" and {len(call_ids) - LISTED_CALL_IDS} more"
     return bad_request(
@@ -1573,12 +1579,6 @@ def _unanswered(where: str, call_ids: dict[str, None]) -> APIError:
         "follow an assistant message with tool_calls by one tool message per call",
         param=f"{where}.tool_calls",
     )
-
-
-def _clipped(call_id: str) -> str:
-    if len(call_id) <= LISTED_CALL_ID_CHARS:
-        return call_id
-    return call_id[: LISTED_CALL_ID_CHARS - 1] + "…"
 
 
 def _renamed(error: APIError, old: str, new: str) -> APIError:
@@ -1695,7 +1695,9 @@ def _check_tool_calls(
         if nests_too_deep(parsed):
             raise value_too_deep(f"{at}.function.arguments")
         if call_id in seen:
-            raise bad_request(f"{at}.id {_clipped(call_id)!r} is used twice in this message", param=f"{at}.id")
+            raise bad_request(
+                f"{at}.id {shortened(call_id, LISTED_CALL_ID_CHARS)!r} is used twice in this message", param=f"{at}.id"
+            )
         seen.add(call_id)
         calls[call_id] = name
         carried_ids = carried_ids or payload(call_id) is not None

@@ -21,7 +21,8 @@ from openclaw.dataplane.errors import CONTEXT_LENGTH_EXCEEDED, APIError, bad_req
 from openclaw.dataplane.request import DATA_URL, checked_data_url, not_data_url
 from openclaw.providers.errors import Refusal, RefusalKind
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
-from openclaw.providers.wire import ImageTypes, Wire
+from openclaw.providers.wire import SHOWN_TYPE_CHARS, ImageTypes, Wire
+from openclaw.shorten import shortened
 
 #: The type of Moonshot's built-in tools, which Kimi runs itself
 #: (U{https://platform.moonshot.ai/docs/guide/use-web-search}): declared as
@@ -68,8 +69,6 @@ VIDEO_URL_FORMS = (
 #: (U{https://platform.moonshot.ai/docs/guide/use-kimi-vision-model}), as
 #: a 400 names them: a C{video_url}'s data URL is of a C{video/*} type.
 VIDEO_FORMATS = "Moonshot's vision guide lists mp4, mpeg, mov, avi, x-flv, mpg, webm, wmv and 3gpp"
-#: The longest media type a 400 names back whole.
-SHOWN_TYPE_CHARS = 64
 #: Who takes Moonshot's media inputs, as a 400 says "which only ... take".
 KIMI_VISION = "Kimi's vision models"
 
@@ -150,7 +149,7 @@ class MoonshotVideo:
         assert head is not None
         media_type = head.group(1)
         if media_type[:6].lower() != "video/":
-            shown = media_type if len(media_type) <= SHOWN_TYPE_CHARS else media_type[: SHOWN_TYPE_CHARS - 1] + "…"
+            shown = shortened(media_type, SHOWN_TYPE_CHARS)
             raise bad_request(
                 f"{at} is a data URL of {shown!r}, not a video: a video_url part takes a video "
                 f"({VIDEO_FORMATS}, as data:video/mp4;base64,...); send an image in an image_url part, other files "

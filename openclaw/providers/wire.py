@@ -36,6 +36,10 @@ from openclaw.dataplane.request import (
 )
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import MAX_MESSAGE_CHARS, clip
+from openclaw.shorten import shortened
+
+#: The longest media type a 400 names back whole.
+SHOWN_TYPE_CHARS = 64
 
 
 class MalformedAnswer(ValueError):
@@ -448,7 +452,7 @@ class ImageTypes:
         The 400 naming C{where}, a data URL of C{media_type}, not one of
         these (its type named back, clipped).
         """
-        shown = media_type if len(media_type) <= 64 else media_type[:63] + "…"
+        shown = shortened(media_type, SHOWN_TYPE_CHARS)
         return bad_request(
             f"{where} is a data URL of type {shown!r}, not an image {self.taker}: an image must be {self.names}; "
             "convert it to one of those",
