@@ -376,7 +376,7 @@ class ReopenedLogFile:
         library's L{faulthandler}), and to each file L{reopen} opens from
         then on; until L{close}.  Without it the process dies with nothing
         logged (a SIGBUS from SQLite's memory-mapped C{-shm} file made
-        immutable: trial s33), its pidfile left behind.
+        immutable), its pidfile left behind.
 
         @raise OSError: faulthandler cannot use the file's descriptor.
         """

@@ -92,7 +92,7 @@ WAITING_LOG_SECONDS = 5.0
 #: Why twistd's C{--uid}/C{--gid} are refused, and what to do instead: the
 #: gateway checks and makes its files (the token file's lock, the
 #: consumers' database, the log) as the user twistd starts as, then would
-#: run as one that cannot use them (daemon trial s18).
+#: run as one that cannot use them.
 PRIVILEGE_SWITCH_FIX = (
     "twistd's --uid/--gid are not supported: the gateway's files would be made by one user and used by another; "
     "start twistd as the gateway's user instead (systemd: User=, as contrib/openclaw.service does), and for a "
@@ -111,7 +111,7 @@ class StartRefused(SystemExit, Exception):
     process that started it through its status pipe (which takes nothing
     else): that process prints twistd's "An error has occurred" with the
     line's start and exits with status 1, where it waited for ever or
-    exited 0 (trial s31).  A L{SystemExit}, so that C{twistd -n} ends with
+    exited 0.  A L{SystemExit}, so that C{twistd -n} ends with
     the line alone and status 1, no traceback.
     """
 
@@ -204,7 +204,7 @@ class ListeningService(Service):
                 if self._closing is closing:
                     self._closing = None
                 if not closing.end(result if isinstance(result, Failure) else None) and isinstance(result, Failure):
-                    # Every stop waiting for it gave up: said here (review s34).
+                    # Every stop waiting for it gave up: said here.
                     self._log.failure(
                         "closing a listening port failed ({error})", result, error=result.getErrorMessage()
                     )
@@ -509,7 +509,7 @@ class ServingService(MultiService):
         calls = 0 if self.api_site is None else self.api_site.in_flight
         commands = self._controlplane.in_flight
         if calls or commands:
-            # What the stop waits for, before it waits (cluster trial s40:
+            # What the stop waits for, before it waits (else
             # seconds passed without a word).
             self._log.info(
                 "stopping: waiting up to {seconds:g} s (SHUTDOWN_GRACE_SECONDS) for {calls} API call(s) and "
@@ -1223,7 +1223,7 @@ class GatewayService(SequentialMultiService):
         route = self.route.current
         if route == self._recorded_route or self.cluster is None or not self.cluster.up:
             # Only once in step: an instance that then refuses the
-            # cluster's token has not been (review s41).
+            # cluster's token has not been.
             return
 
         def written(recorded: bool) -> None:
@@ -1569,8 +1569,8 @@ class GatewayService(SequentialMultiService):
         A single gateway (no cluster, which renews its token): warn when
         C{issued}, the token in force, expires, as the control plane then
         takes no command until a restart (or, set forward, when the host's
-        clock is: hostile trial s40, where the control plane shut without
-        a word).  Replaces the watch of the token before.  None is armed
+        clock is, where the control plane would shut without a
+        word).  Replaces the watch of the token before.  None is armed
         once the stop has begun (a rotation answered during its grace).
         """
         if self._expiry is not None and self._expiry.active():

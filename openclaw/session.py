@@ -174,7 +174,7 @@ class SessionAuthority:
         #: L{adopt_later}'s jobs, in the writer's thread (one at a time),
         #: and read there: a job finds the file holding it, or the current
         #: token, or its own, and replaces it (O(1) however many adoptions
-        #: wait: review s33, a list of them made each rotation O(N)).
+        #: wait; a list of them would make each rotation O(N)).
         self._written: bytes | None = None
 
     @property

@@ -503,7 +503,7 @@ def _supervisor(
     return supervisor
 
 
-#: The warning of a gateway started as root (operator trial s41: none).
+#: The warning of a gateway started as root (none).
 RUNS_AS_ROOT = (
     "the gateway runs as root: anything that takes it over (a flaw in it or in a library it uses) takes the host; "
     "run it as a user of its own (systemd's User=, as contrib/openclaw.service does, or runuser -u openclaw -- "
@@ -531,7 +531,7 @@ def _say_warnings(settings: Settings, twistd_options: Mapping[str, Any]) -> None
     go to standard output (L{logs_to_stdout}): a daemon, or C{-n} with
     C{--logfile} or C{--syslog}.  The gateway logs them too when it
     starts (L{GatewayService.startService}); without this, a daemon's
-    were in its log only, and its terminal showed nothing (trial s31).
+    were in its log only, and its terminal showed nothing.
     In the foreground with the log on standard output they reach it
     through the log: not said twice.
     """
@@ -569,8 +569,8 @@ def _check_no_privilege_switch(twistd_options: Mapping[str, Any]) -> None:
     switches to them only once the service is built and listening, after
     the gateway has checked and made its files (the token file's lock,
     the consumers' database, the log, twistd's pidfile) as the user it
-    started as, which the other user then cannot use (daemon trial s18:
-    a root-owned database, C{/readyz} 503 for ever).  Here, before
+    started as, which the other user then cannot use (a
+    root-owned database, C{/readyz} 503 for ever).  Here, before
     anything is made: one line on the terminal, exit status 2.  (The
     service refuses a switch it finds at start too:
     L{GatewayService.startService}.)
@@ -642,7 +642,7 @@ def _check_token_file(settings: Settings) -> None:
 def _check_sticky_held(settings: Settings, named: str) -> None:
     """
     Refuse a C{TOKEN_FILE} (or, standalone, its lock file) that another
-    user put in a sticky directory first (trial s25 F2: an empty
+    user put in a sticky directory first (an empty
     C{/tmp}-like token file of C{nobody}'s): the gateway could neither
     replace it with its token nor remove it at stop
     (L{held_by_sticky_directory}), and failed with a traceback once

@@ -7,8 +7,8 @@ and that route, written when the instance is in step and whenever the
 cluster's route changes.  It counts for the same cluster when it names the
 same C{CLUSTER_NAME} and Redis database: the server is recorded for the
 operator, not compared (one server has many names, C{localhost} and
-C{127.0.0.1}: recheck s41, where a name written another way made a
-restarted instance serve its own route), so an instance moved to another
+C{127.0.0.1}: a name written another way would make a restarted
+instance serve its own route), so an instance moved to another
 Redis, empty, waits once (17 s by default) rather than never, and then
 proposes the route it last served in the old one (not DEFAULT_PROVIDER's):
 remove the file to start such an instance as a new one.

@@ -16,7 +16,7 @@ newcomer never overrides them; the rule (L{ClusterNode._outranks}):
    C{STATE_DIR}), or instances in step are alive (their heartbeats), the
    store lost the state: it first waits, up to
    L{ClusterNode.write_back_grace}, for one of them to write it back,
-   and takes that (cluster trial s40: an instance restarted during a
+   and takes that (an instance restarted during a
    Redis outage reached the emptied store first and served its configured
    route and a token of its own for a second or two);
  - an instance that has been in step (it knows a version of the route or
@@ -359,8 +359,8 @@ class ClusterNode:
         cluster in an earlier run (its record in C{STATE_DIR}), or None:
         proposed, rather than the configured one, should it find the
         store without the cluster's route and none write it back (every
-        instance restarted with the store: trial s41, the cluster came
-        back on DEFAULT_PROVIDER, the operator's switch lost).
+        instance restarted with the store: else the cluster comes back
+        on DEFAULT_PROVIDER, the operator's switch lost).
     """
 
     _log = Logger()
@@ -471,7 +471,7 @@ class ClusterNode:
         #: raises is logged and the next one comes all the same (not on
         #: LoggedStep, the loop stopped for good after one line: this
         #: instance dropped out of instances_seen and its token's renewals
-        #: stopped; review s33).
+        #: stopped).
         self._heartbeat = LoopingCall(
             LoggedStep(
                 self.beat,
@@ -573,7 +573,7 @@ class ClusterNode:
         self._connected = False
         self._cancel_retry()
         # A wait for a write-back starts again once back: the time away
-        # is no time the instances in step had to write (review s41).
+        # is no time the instances in step had to write.
         self._empty_since = None
         # Back up, it looks again (Redis may be another server now).
         self._namesakes_looked = None
@@ -631,7 +631,7 @@ class ClusterNode:
         A read answered after this instance applied (or began adopting) a
         newer value meanwhile (a message, a command's write) is stale, and
         so is what this instance had to compare it with: read again, never
-        written back nor applied (trial s32: a late read rolled a finished
+        written back nor applied (a late read rolled a finished
         rotation back cluster-wide).  A read of the token waits for any
         adoption under way first (its token file being written), so that
         what it is compared with is the token in force.
@@ -730,7 +730,7 @@ class ClusterNode:
                 # Counted among the instances at once.  Not after a reload
                 # a heartbeat asked for, already up: the next heartbeat
                 # looks again, so that a disagreement left costs a reload a
-                # heartbeat, never a loop (review s41).
+                # heartbeat, never a loop.
                 self.beat()
 
     @property
@@ -753,14 +753,14 @@ class ClusterNode:
         and either it was in step in an earlier run (L{was_in_step}) or
         instances in step are alive (C{heartbeat.alive}: only those count)
         — the store lost the cluster's state, which they will write back
-        (trial s41: one key evicted, a newcomer printed a token of its own)
+        (one key evicted, a newcomer printed a token of its own)
         — and it has waited less than L{write_back_grace} since it first
         found it so.  Logged when the wait begins and when it ends with
         nothing written back.
         """
         missing = [name for name in (ROUTE, TOKEN) if not heartbeat.versions.get(name)]
         # Not up yet in this run: a route or token applied from a message
-        # meanwhile does not end the wait (review s41: the token still
+        # meanwhile does not end the wait (the token still
         # missing, it proposed its own).
         if not missing or self._been_up or not (self.was_in_step or heartbeat.alive > 0):
             self._empty_since = None
@@ -823,7 +823,7 @@ class ClusterNode:
             if self._held(name) == held:
                 return proposed, versioned
             # Another value applied, or a token's adoption begun, meanwhile:
-            # this read is stale (trial s32).
+            # this read is stale.
         raise StaleReads(name)
 
     def _mine(self, name: str) -> str:
@@ -952,7 +952,7 @@ class ClusterNode:
         """
         known = self._known(name) or 0
         if held.version == known:
-            # The same version, another value (recheck s41: "version 1
+            # The same version, another value ("version 1
             # where this instance knew version 1" read as no loss at all).
             self._log.warn(
                 "the cluster store holds another {name} at the version this instance knows ({version}, written by "
@@ -1354,7 +1354,7 @@ class ClusterNode:
             # cluster's, which this instance, another
             # JWT_SECRET's, proposed its own in place of (it
             # reached the emptied store first).  It stops, as
-            # it would not have started (trial s25: it stayed,
+            # it would not have started (it stayed,
             # the cluster's token refused).
             self._on_foreign_token(str(error))
         self._log.error(
@@ -1775,7 +1775,7 @@ class ClusterNode:
         # Not waited for by the loop (a store slower than the interval
         # delays no beat); a fault in seen or missed (_renew, _reload, ...)
         # is logged with its context, not left to "Unhandled error in
-        # Deferred" (review s33).
+        # Deferred".
         self._heartbeat_answers.watch(
             self._bounded(
                 self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)

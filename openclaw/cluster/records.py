@@ -66,7 +66,7 @@ def provenance(document: dict[str, Any], versioned: Versioned, made: str) -> str
     C{versioned}), for the log: C{"<made> <instance>"} (C{"switched on
     vm-1"}), or, for one written back after the store lost the state
     (L{is_restored}), C{"written back by <instance>"}: the instance that
-    wrote it back did not switch or issue it (cluster trial s40).
+    wrote it back did not switch or issue it.
     """
     origin = versioned.origin or "an unknown instance"
     if is_restored(document):
@@ -81,7 +81,7 @@ def record_identity(name: str, document: dict[str, Any]) -> tuple[object, ...]:
     C{jti}; their C{at} and whether written back, L{record_at},
     L{is_restored}), never the JSON as written: a record with a field this
     version does not write, or C{"restored": false} written out, is the
-    same record (review s41: it made every instance reload, and a reload
+    same record (it made every instance reload, and a reload
     beat at once, in a loop).  One whose C{at} is no number is itself
     alone.
     """

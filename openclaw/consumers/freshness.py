@@ -8,7 +8,7 @@ Another instance's change reaches this one as a message on Redis
 table from the database.  A loop that stood still handles, once it runs
 again, the requests that came meanwhile before that message, and the
 reload takes a few milliseconds more: a key revoked meanwhile was served
-for the whole stall (consumers trial s34: 2 s and 5 s after the revoke's
+for the whole stall (2 s and 5 s after the revoke's
 answer).  L{StallWatch} marks the loop alive every L{TICK_SECONDS}; a
 consumer key presented longer than L{STALL_SECONDS} after the last mark
 (or a mark that late) means the table may be stale: consumer keys are
@@ -71,7 +71,7 @@ class StallWatch:
         which its timers, the marks among them, go by: a stall is a gap on
         both clocks.  Set back (NTP, a VM's clock), the wall clock holds
         the marks until it reads again what it read (a gap on C{clock}
-        alone), which is no stall (review s34: five false stalls, each a
+        alone), which is no stall (five false stalls, each a
         reload and 503s, in ten seconds of a clock set back).
     @param retry_seconds: the wait before a failed reload after a stall is
         tried again, doubled at each failure up to C{retry_max_seconds}

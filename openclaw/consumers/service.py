@@ -120,7 +120,7 @@ class UsagePurge:
     monotonic clock since the last purge (or the start): set forward by
     hand or by NTP (the host's suspension is not: the clock compared is
     L{boot_clock}, which goes on meanwhile).  A purge by that clock would delete every row
-    younger than USAGE_RETENTION_DAYS by the real time (trial s33: all of
+    younger than USAGE_RETENTION_DAYS by the real time (all of
     them, with no word).  The cutoff then goes by the monotonic clock
     (the last purge's time plus the monotonic seconds since), and one
     warning says so and what to do; once the two clocks agree again (the
@@ -393,7 +393,7 @@ class ConsumersService(Service):
         settings = self._settings
         # Named as the operator wrote it (its password masked): an instance
         # of a cluster pointed at another database by a typo loads its
-        # consumers from it, and this names which (consumers trial s42:
+        # consumers from it, and this names which (not
         # "0 consumer(s) loaded" alone, then 401 for every cluster key).
         where = (
             f"{masked_url(settings.database_url)} (DATABASE_URL)"

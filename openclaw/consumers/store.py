@@ -271,8 +271,8 @@ class UsageRow:
     and to every other's), stored with it: a write of it tried again after
     its commit's answer was lost (the connection cut just after the
     C{COMMIT}: a pooler's or a primary's restart, a firewall) finds it
-    written, and neither the row nor its cost is added twice (trial s34:
-    135 rows and their spend for 72 calls).  None (a test's rows): written
+    written, and neither the row nor its cost is added twice (it
+    was 135 rows and their spend for 72 calls).  None (a test's rows): written
     at every try.
     """
 
@@ -556,7 +556,7 @@ def database_advice(reason: Failure) -> str:
     if reason.check(psycopg.Error, adbapi.ConnectionLost, _DeadConnection):
         said = str(reason.value)
         if _BAD_CREDENTIALS.search(said):
-            # Not a PostgreSQL away: waiting will not help (consumers trial s42).
+            # Not a PostgreSQL away: waiting will not help.
             return (
                 "check the user name and password in DATABASE_URL (a password holding @ : / % # ? or a space "
                 "must be percent-encoded in the URL: %40 %3A %2F %25 %23 %3F %20), then restart the gateway"
@@ -875,7 +875,7 @@ class ConsumerStore:
         SQLite leaves them when it closes a database whose file was moved
         or removed, and the next open of whatever is then at the path (a
         backup or the rescued copy put back, a new database) would replay
-        the lost one's pages onto it (re-check s33: a restored backup came
+        the lost one's pages onto it (a restored backup came
         back with the lost database's consumers).  Moved, not removed: a
         database moved away and never copied (a full disk) has its latest
         pages there only, which SQLite reads again once the three are put
@@ -1284,7 +1284,7 @@ class ConsumerStore:
         # The consumer's row first: on PostgreSQL its delete waits for a
         # key being added (L{_live}'s FOR KEY SHARE) to commit, so that the
         # keys' delete sees that key too; the other way round, it outlived
-        # its consumer (review s25).
+        # its consumer.
         cursor.execute(self._sql("DELETE FROM consumers WHERE name = ?"), (name,))
         cursor.execute(self._sql("DELETE FROM consumer_keys WHERE consumer = ?"), (name,))
         cursor.execute(self._sql("DELETE FROM spend WHERE consumer = ?"), (name,))

@@ -58,7 +58,7 @@ MAX_PENDING_ROWS = 100_000
 #: next, which follows at once when a write was full.  A backlog grown
 #: while the database could not be written (a full disk) then fits again
 #: once small writes do: in one transaction it never did, and a stop gave
-#: it up (consumers trial s42: 1,595 paid calls gone from spend and usage).
+#: it up (1,595 paid calls gone from spend and usage).
 MAX_ROWS_PER_WRITE = 250
 #: A budget reservation of a call never counted (its client went away
 #: before the call started, its instance crashed) is forgotten after this
@@ -219,7 +219,7 @@ def rate_limited(consumer: str, what: str, limit: int, retry_after: int) -> APIE
     the openai SDKs sleep and retry (L{MAX_SLEPT_RETRY_AFTER_SECONDS}); a
     cluster counts whole seconds, so a call may hold its window 61 s
     (L{openclaw.consumers.shared.CLUSTER_WINDOW_SECONDS}), and a retry a
-    second early is told 1 s more (trial s40: told 61, the SDK raised at
+    second early is told 1 s more (told 61, the SDK raised at
     once, where a single gateway's 60 had it retry).
     """
     retry_after = min(retry_after, MAX_SLEPT_RETRY_AFTER_SECONDS)
@@ -859,7 +859,7 @@ class ConsumerTable:
         self._reactor = reactor
         # On LoggedStep: a flush that raises is logged and the next one
         # comes all the same (the loop stopped for good otherwise, and the
-        # usage rows piled up unwritten; review s33).
+        # usage rows piled up unwritten).
         flusher = self._flusher = LoopingCall(
             LoggedStep(self.flush, self._log, f"the write of the usage rows every {self.flush_seconds:g} s")
         )
@@ -1098,7 +1098,7 @@ class ConsumerTable:
         L{admit} is not asked.
 
         A large body's work (L{openclaw.dataplane.offload}) is not done for
-        a consumer refused whatever it sends (hostile trial s33: 150 bodies
+        a consumer refused whatever it sends (150 bodies
         of 8 MB from a consumer with an C{rpm} of 1 were each parsed
         before its admission refused 149 of them).  A refusal that depends
         on the body (the model it names, what it would reserve) is still
@@ -1353,7 +1353,7 @@ class ConsumerTable:
                 # for a database away (L{unreachable}).  An error, not yet
                 # critical: nothing is lost, and a write that failed once
                 # (a connection cut at its commit, a pooler's restart) is
-                # usually written at the next try (re-check s34: a critical
+                # usually written at the next try (a critical
                 # line a second through a flaky link, nothing lost).
                 self._failing_since = self._failure_logged_at = now
                 log_database_failure(

@@ -11,8 +11,7 @@ The gateway gives it a monotonic clock (C{time.monotonic}, POSIX's
 C{CLOCK_MONOTONIC}), not the wall clock (the reactor's C{seconds()} is
 C{time.time}): its times are only compared within the process, and a
 wall clock stepped back (an NTP step, a virtual machine resumed) made a
-20 s lockout one of an hour, stepped forward it cut it short (trial s25
-F1).  A cluster shares lockouts as durations, never as these times
+20 s lockout one of an hour, stepped forward it cut it short.  A cluster shares lockouts as durations, never as these times
 (L{openclaw.cluster.lockout.SharedLockout}).
 """
 

@@ -240,7 +240,7 @@ class ControlProtocol(WebSocketServerProtocol):
             # Until it authenticates, a connection may send only so much:
             # frames without payload, which no message's MAX_MESSAGE_BYTES
             # counts, kept one that never authenticated costing the
-            # reactor each frame until AUTH_TIMEOUT_SECONDS (trial s25).
+            # reactor each frame until AUTH_TIMEOUT_SECONDS.
             self.unauthenticated_bytes += len(data)
             if self.unauthenticated_bytes > self.factory.unauthenticated_bytes:
                 self._refused_before_auth("too_much_before_auth", POLICY_VIOLATION, UNAUTHENTICATED_BYTES_REASON)
@@ -262,7 +262,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 and self.connection is not None
             ):
                 # Before authenticating: a refused connection, said and
-                # counted (hostile trial s40: neither).
+                # counted (neither).
                 reason = self.localCloseReason
                 said = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason or "")
                 self._refused_before_auth("protocol_error", code, said)
@@ -478,7 +478,7 @@ class ControlProtocol(WebSocketServerProtocol):
         connection = self.connection
         who, fields = from_peer(connection.proxy if connection is not None else None)
         # Marked for the log observer, which lets REFUSED_CONNECTION_LINES
-        # of them through a second (recheck s41: a client in
+        # of them through a second (a client in
         # TRUSTED_CLIENT_IPS wrote a line per connection).
         factory.events.warn(
             "closing control connection " + who + " before it authenticated: {code} {said} (reason={reason})",

@@ -432,7 +432,7 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
             )
         if not holds_a_token(content):
             # Not sent: a wrong path (an env file) would send its secrets to
-            # whatever --url names (ops trial s36).
+            # whatever --url names.
             raise UsageError(
                 f"the token file {token_file} does not hold a session token (one line of three base64url "
                 "segments, as the gateway writes it), so nothing was sent; name the file the gateway was "
@@ -580,7 +580,7 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
     named = "--url"
     if args.url is None:
         # As OPENCLAW_TOKEN gives the token: a gateway on another port or
-        # host without --url on every call (operator trial s41).
+        # host without --url on every call.
         args.url = environ.get(URL_VARIABLE, "").strip() or DEFAULT_URL
         named = URL_VARIABLE if environ.get(URL_VARIABLE, "").strip() else named
     _check_url(args.url, named)

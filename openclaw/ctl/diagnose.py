@@ -420,7 +420,7 @@ def _awaited(cmd: str) -> str:
     What the gateway may be waiting on before it answers C{cmd}: a file
     write for C{switch_provider} and C{rotate_token}, either that or the
     consumers' database for the gateway's other commands, the database
-    for the consumer commands (review s33: a switch behind a slow disk
+    for the consumer commands (a switch behind a slow disk
     was said to wait on the database).
     """
     if cmd in _FILE_WAIT:

@@ -424,9 +424,9 @@ class ChatCall:
         Translate a large answer C{body} in a thread of L{BodyWorkers
         <openclaw.dataplane.offload.BodyWorkers>}, given with no key holder,
         as a failover's encoding is (never refused: the provider has
-        answered): Gemini's translation of many tool calls is long (hostile
-        trial s34: 1.25 s for 4 MB of 100,000 C{functionCall} parts, every
-        other client of the process held up as long).  The work reads only
+        answered): Gemini's translation of many tool calls is long (100,000
+        C{functionCall} parts, every other client of the process held up
+        as long).  The work reads only
         the body, the request and the wire, and holds its log events
         (L{HeldLog}) for the reactor's thread; its ids come from Python's
         own generator, as in the reactor's thread.
@@ -718,7 +718,7 @@ class ChatCall:
         for its refusal (an L{APIError}), unless the call is over meanwhile
         (its client gone, a stop); anything else is raised again, over or
         not, for L{_bug} to log (a bug of the encoding, which was swallowed
-        once the call was over: review s33).
+        once the call was over).
         """
         failure.trap(APIError)
         if self._over:
@@ -821,8 +821,7 @@ class ChatCall:
         The model a provider's keys are judged by for this call where it is
         not the provider's C{failover_model}: after a failover, the first
         provider's is the model the call asked of it (a Gemini key rests by
-        model: review s42, where a wait of 1 s was told for a model resting
-        120 s).
+        model; the fallback model may be free while it rests).
         """
         if self._origin is None:
             return {}
@@ -836,8 +835,7 @@ class ChatCall:
         not tried: its breaker open (for so many seconds more) or its
         half-open trial under way, or every key it holds rate limited
         (for so many seconds more).  A 502 that named the first
-        provider's failure alone read as if no failover were set up
-        (trial s33); a 429 or 503 with a wait says so already
+        provider's failure alone read as if no failover were set up; a 429 or 503 with a wait says so already
         (L{_sooner_elsewhere}).  Only asked once no provider could take
         the call (L{_upstream_failed}), never on the way of a call that
         goes.  A request past L{BodyWorkers.above
@@ -881,7 +879,7 @@ class ChatCall:
         Moonshot's built-in tools, a non-zero C{logit_bias},
         C{web_search_options}).  A wait told for a provider that could not
         take the call would only get the client the same refusal then
-        (trial s29: "gemini may take the call in 45 s", then "not failed
+        ("gemini may take the call in 45 s", then "not failed
         over to gemini: it cannot take this request").
 
         Only asked while a 429 or 503 with a wait to shorten is being
@@ -1000,7 +998,7 @@ class ChatCall:
             # of it (a role, empty deltas: Moonshot's; Gemini's empty text,
             # a usage; an empty chunk) are no sign of more coming, as a
             # comment is not, held or sent, before the answer began or
-            # after (hostile trial s34, its re-check and review: such
+            # after (such
             # events every 2 s held a client, with no byte or with a 200
             # and empty deltas, for as long as the provider went on).
             self._timer.reset(self.context.timeout)
@@ -1302,7 +1300,7 @@ class ChatCall:
             relay.read_out(self.context.reactor, self._upstream_wait(), self._read_out)
             return
         if self._translating_apart and self.holder is not GATEWAY and self.context.consumers is not None:
-            # A consumer's whole answer in translation (review s34: counted
+            # A consumer's whole answer in translation (counted
             # as its prompt's estimate only): counted with its usage once
             # translated (L{_translated_apart}).
             self._reading_out = True

@@ -60,7 +60,7 @@ KEYLESS_GRACE_SECONDS = 1.0
 #: control frames (SETTINGS, PING) a keyless peer makes the gateway
 #: process: twisted.web answers each, and aborts only once its answers
 #: back up past the kernel's buffers, so a flood held the reactor about 6 s
-#: a connection (hostile trial s42).  Within API_KEYLESS_TIMEOUT_SECONDS,
+#: a connection.  Within API_KEYLESS_TIMEOUT_SECONDS,
 #: which closes a keyless connection anyway.
 KEYLESS_HTTP2_MAX_BYTES = 256 * 1024
 #: The most of a read of a request's body handed to twisted.web at once
@@ -234,9 +234,9 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             # what follows it is not decoded when the head is refused (a
             # body without a key, or too large): it decoded the rest of
             # the read all the same, a call per chunk, so a keyless client
-            # sending 1-byte chunks cost the gateway 70 ms a request
-            # (hostile trial s42).  Dropped instead, as the lingering close
-            # drops what comes after.  (A body of known length is kept
+            # sending 1-byte chunks cost the gateway a call per byte.
+            # Dropped instead, as the lingering close drops what comes
+            # after.  (A body of known length is kept
             # whole at no cost per byte: not split.)
             end = head_end(self._tail, data)
             self._tail = data[-3:]
@@ -679,7 +679,7 @@ class APIConnection(proxyForInterface(IProtocol, "protocol")):  # type: ignore[m
             self._close_after_answer = True
         elif self._awaiting_body and not self._http2 and not self._deadlines.closing:
             # A request whose body was still coming when the stop began
-            # (re-check s32: closed with nothing said, nor logged): 503
+            # (closed with nothing said, nor logged): 503
             # shutting_down, logged and counted, and the close lingers,
             # for the client may still be sending.
             self._awaiting_body = False

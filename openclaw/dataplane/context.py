@@ -496,7 +496,7 @@ class APIContext:
                 if status >= 500 and (error.code or "").startswith(_PROVIDERS_FAILURES):
                     # A provider's failure for the operator to look into,
                     # the provider's own words in it (scrubbed of keys):
-                    # its code alone said not what (re-check s34).  Not a
+                    # its code alone said not what.  Not a
                     # model's failure, whose message may quote the model's
                     # output (Gemini's finishMessage); clipped.
                     # The operator's words (L{APIError.detail}): where and

@@ -322,7 +322,7 @@ class EmbeddingsCall:
     answered (L{shut_down}), but the client is answered 503
     C{shutting_down}, counted so, as a chat call is: the call is among
     L{APIContext.chat_calls} while it runs (it was closed with nothing
-    said, and logged 499 C{client gone}: review s33).
+    said, and logged 499 C{client gone}).
     """
 
     context: APIContext

@@ -583,7 +583,7 @@ def every_breaker_open(provider_id: str, seconds: float, fallbacks: Sequence[tup
     such, each provider's wait named, soonest first, and the client told to
     retry (C{Retry-After}) when the first of them can; not the call's
     provider's alone with "ask the operator to switch_provider", which
-    would only move the call to another failing provider (trial s32).
+    would only move the call to another failing provider.
     """
     waits = sorted([(provider_id, seconds), *fallbacks], key=lambda entry: entry[1])
     soonest = retry_after_seconds(waits[0][1])

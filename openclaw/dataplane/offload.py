@@ -67,7 +67,7 @@ OFFLOAD_THREADS = 2
 #: C{MAX_REQUEST_BYTES}), and for the bodies ahead of it (some 0.35 s for
 #: one of 8 MB on a slow two-core host): 16 bound both, with the default
 #: 8 MiB to some 150 MB (the two worked on with them) and a few seconds
-#: (hostile trial s33: 200 bodies of 8 MB from one key holder, queued
+#: (200 bodies of 8 MB from one key holder, queued
 #: without a bound, took the process to 1.7 GB and held up every client
 #: for 6-11 s).
 QUEUE_BODIES = 16
@@ -204,7 +204,7 @@ class BodyWorkers:
         sent again (C{Retry-After}, RFC 9110 section 10.2.3): the time the
         threads take to work through the bodies given to them (L{given})
         at the recent time per body, at least 1, at most
-        L{MAX_RETRY_AFTER} (re-check s33: 16 bodies of 8 MB from one key
+        L{MAX_RETRY_AFTER} (16 bodies of 8 MB from one key
         told 1 s ran out of the openai SDK's two retries).  Reactor thread.
         """
         waiting = self._work_seconds * self._given / self.size

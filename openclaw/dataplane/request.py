@@ -799,8 +799,7 @@ def out_of_range(value: Any, low: float, high: float, kind: str) -> str:
     """
     # An integer past 64 bits, which orjson reads as a float (one in range
     # was written with a fraction or exponent: a decimal); a bound is
-    # past too, as -2**63 is: orjson reads -2**63 - 1 as the float -2**63
-    # (recheck s41).
+    # past too, as -2**63 is: orjson reads -2**63 - 1 as the float -2**63.
     beyond = type(value) is float and value.is_integer() and abs(value) >= FLOAT_INTEGERS and not low < value < high
     written_whole = type(value) is int or beyond
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "integer" and not written_whole):
@@ -1187,7 +1186,7 @@ def _check_tools(tools: Any, tool_types: Mapping[str, ToolType], legacy: bool = 
                 )
             if "type" in parameters and kind != "object":
                 # Null or "OBJECT": written as JSON Schema spells it, so
-                # that a provider's validator takes it (recheck s41); the
+                # that a provider's validator takes it; the
                 # body is this request's own (parsed for it).
                 parameters["type"] = "object"
             if nests_too_deep(parameters):

@@ -197,7 +197,7 @@ class PendingRequest:
     among L{APIContext.chat_calls}: a stop whose grace runs out meanwhile
     answers it 503 C{shutting_down}, logged and counted (L{shut_down}), as
     it answers a L{ChatCall} still under way; it was closed with nothing
-    said and logged as 499 C{client gone} (review s33).  Its client leaving
+    said and logged as 499 C{client gone}.  Its client leaving
     is noted (L{left}); either way the caller makes no call, and counts the
     request with L{unserved} once the wait is over.
     """
@@ -737,7 +737,7 @@ class Models(AuthenticatedResource):
         L{APIContext.chat_calls}: a stop whose grace runs out before the
         providers answered answers it 503 C{shutting_down}, counted so,
         and cancels the listings, as a chat call is ended (it was closed
-        with nothing said, and logged 499 C{client gone}: review s33).
+        with nothing said, and logged 499 C{client gone}).
         """
         context = self.context
         adapters = [context.providers.get(provider_id) for provider_id in providers]

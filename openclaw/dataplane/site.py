@@ -140,9 +140,8 @@ _SINGLE_FIELDS = ((b"host", _repeated_host), (b"authorization", _repeated_author
 #: size; past them, pieces of L{MIN_PIECE_BYTES} on average, else it
 #: is refused (400 C{request_body_fragmented}): twisted.web hands each
 #: chunk of a chunked body over in a call of its own, so a key holder's
-#: 2.5 MB body in 1-byte chunks cost seconds of the reactor's time
-#: (hostile trial s42), where one in pieces of any usual size costs
-#: next to nothing.
+#: 2.5 MB body in 1-byte chunks cost seconds of the reactor's time,
+#: where one in pieces of any usual size costs next to nothing.
 MAX_SMALL_PIECES = 1024
 MIN_PIECE_BYTES = 64
 
@@ -360,7 +359,7 @@ class APIRequest(NextTurnRequest):
         if self._framed:
             # Pieces the client chose (chunks, DATA frames), not the reads
             # of a body of known length, which a slow link makes small
-            # (re-check s42: such a body was refused).
+            # (such a body was refused).
             self._pieces = pieces = self._pieces + 1
         else:
             pieces = 0

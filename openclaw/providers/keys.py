@@ -76,7 +76,7 @@ class KeyPool:
     #: apart (Gemini: "rate limits are applied per model",
     #: U{https://ai.google.dev/gemini-api/docs/rate-limits}), and a client
     #: naming a model of small quota must not keep the others from every
-    #: client (agent trial s42).  A 429 of no model's call (a models
+    #: client.  A 429 of no model's call (a models
     #: listing) rests the whole key.
     rests_by_model: bool = False
     _next: int = attrs.field(default=0, init=False, repr=False)

@@ -316,7 +316,7 @@ MOONSHOT_FORCED_TOOL_CHOICE = re.compile(r"tool_choice\b.*\bincompatible with th
 #: What a client can do about it: Moonshot's own field turns thinking off
 #: for the call, on the models that take it (kimi-k2.5 and later: its
 #: parameters table, https://platform.moonshot.ai/docs), or the call lets
-#: the model choose; the kimi-k2-thinking models always think (review s42).
+#: the model choose; the kimi-k2-thinking models always think.
 FORCED_TOOL_CHOICE_ADVICE = (
     'Moonshot\'s thinking models take a forced tool_choice ("required" or a named function) only with thinking '
     'off: send "thinking": {"type": "disabled"} with it (the openai SDK: extra_body) to a model that takes that '

@@ -99,7 +99,7 @@ class OpenAIWire:
     #: 'assistant' must not be empty": AstrBotDevs/AstrBot#7200; such a
     #: turn is what an answer cut before any text, a blocked prompt or
     #: thoughts alone leave in an agent's history, a Gemini answer's
-    #: included: agent trial s42).
+    #: included).
     empty_assistant_content: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
@@ -796,7 +796,7 @@ def _empty_text(content: Any) -> bool:
     """
     Whether a message's C{content} is or holds empty text: C{""}, or a
     text part that holds none (C{[{"type": "text", "text": ""}]}:
-    BerriAI/litellm#42186; beside parts with text too: recheck s41).
+    BerriAI/litellm#42186; beside parts with text too).
     """
     if content == "":
         return True
@@ -815,7 +815,7 @@ def _holds_empty(message: dict[str, Any]) -> bool:
     if message.get("partial") is True:
         # Moonshot's Partial Mode: the answer's start, empty in its
         # role-play example ({"name": ..., "content": "", "partial": true}),
-        # which Moonshot takes (review s42).
+        # which Moonshot takes.
         return False
     content = message.get("content")
     if _empty_text(content):

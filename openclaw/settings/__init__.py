@@ -980,7 +980,7 @@ def _provider_model(own: str, ids: Sequence[str]) -> Callable[[str], str]:
     C{FALLBACK_MODEL_KIMI}): a model name (L{_model_name}); written
     C{<provider>/<model>} as a request's model may be, C{own}'s prefix (in
     any case) is dropped, and another declared provider's is refused (it
-    was sent to the provider as written: every call a 404, recheck s41).
+    was sent to the provider as written: every call a 404).
     """
 
     def parse(text: str) -> str:

@@ -59,7 +59,7 @@ def _database_url(text: str) -> str:
     hidden = url_passwords(text)
     fields = masked_fields(text)
     # libpq's keyword form (host=... password=...), which is no URI and
-    # refused below, shown without its password too (re-check s33).
+    # refused below, shown without its password too.
     masked = _KEYWORD_PASSWORD.sub(r"\1***", masked_url(text))
     shown = f"DATABASE_URL={masked!r}"
     form = "use postgresql://user:password@host:port/database, or leave it unset for SQLite in STATE_DIR"
@@ -73,7 +73,7 @@ def _database_url(text: str) -> str:
     if parsed.netloc.count("@") > 1:
         # libpq takes the user information to the first @, so what follows
         # it in the password would be taken for the host, and said (in
-        # clear) in every connection error (re-check s42).
+        # clear) in every connection error.
         raise ConfigError(
             f"{shown} holds an @ in its user name or password: percent-encode it as %40 (and a : as %3A, / as "
             "%2F, % as %25, # as %23, ? as %3F)"

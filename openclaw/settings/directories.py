@@ -22,7 +22,7 @@ def _absolute(text: str | Path) -> Path:
     absolute.  twistd's C{-d DIR}
     (C{--rundir}) changes the working directory after the settings are
     read: a path kept relative was checked in one directory and used in
-    another (daemon trial s18: a token file's lock left in the launch
+    another (a token file's lock left in the launch
     directory, a consumers' database never usable).  Not normalised
     (C{..} is left for the kernel to follow, through any link).
     """

@@ -195,7 +195,7 @@ def check_token_directory(path: Path, what: str, euid: int | None = None) -> Non
     Hold the directories of C{TOKEN_FILE} to the rule of secret files'
     directories (L{_check_directories}), and every symbolic link met on
     the way to it to L{check_private_file}'s: the token file is a secret
-    the gateway writes there, beside its lock file (trial s25 F3: in a
+    the gateway writes there, beside its lock file (in a
     0777 directory, anyone could remove the lock and let a second gateway
     overwrite the first's token).  The file itself, which may not be
     there yet, is checked when the gateway starts
@@ -225,7 +225,7 @@ def check_state_directory(path: Path, what: str, fix: str, euid: int | None = No
     The directory itself is held more strictly, since the gateway creates
     the database's files there by name: whoever can add an entry to it
     could be first to put a link or a database of their own under one of
-    those names (trial s17 F1: a 0777 C{STATE_DIR}).  Others may not
+    those names (a 0777 C{STATE_DIR}).  Others may not
     write it, sticky or not (as C{/tmp}); group-writable (a checkout made
     under umask 002, a Kubernetes C{fsGroup} volume, mode 2775) is a
     warning, as the group is often the gateway's user's own.  The files

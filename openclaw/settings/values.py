@@ -181,7 +181,7 @@ def _interface(text: str) -> str:
     refused here, as an empty value is: it was looked up only when the
     gateway came to listen, and one that did not resolve (C{999.1.1.1}
     too) stopped it there with "Name or service not known" and exit
-    status 1 (trial s31).
+    status 1.
 
     @raise InvalidValue: it is in brackets.
     @raise ValueError: it is empty, or not an IP address.
@@ -238,7 +238,7 @@ MIN_MESSAGE_BYTES = 1024
 
 # The upper bounds of the whole-number settings: each refuses more (one
 # line, as any bad value), where more is meaningless or broke something;
-# 99999999999999999999999 was taken by each (trial s31).
+# 99999999999999999999999 was taken by each.
 #: C{MAX_MESSAGE_BYTES}, 64 MiB: a thousand times the default.  Autobahn
 #: holds a message whole in memory, before it authenticates too (each
 #: connection may send 2 x (C{MAX_AUTH_FAILURES} + 1) of them), and an

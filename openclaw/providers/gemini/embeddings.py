@@ -61,7 +61,7 @@ class GeminiEmbeddings:
                 f"dimensions must be from 1 to {INT32_RANGE[1]} on Gemini (its outputDimensionality is a 32-bit "
                 "integer); send dimensions in that range, or leave it out for the model's own",
                 param="dimensions",
-                # As the data plane's own range check answers (recheck s41).
+                # As the data plane's own range check answers.
                 code="integer_above_max_value",
             )
         return orjson.dumps(to_batch_embed(inputs, model, dimensions))

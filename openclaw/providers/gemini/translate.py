@@ -490,7 +490,7 @@ def text_signature(message: dict[str, Any]) -> str | None:
     A message with no text (a function call turn, or an answer of thoughts
     only), or with tool calls beside its text, sends its signature back as
     Gemini gave it, on an empty text part last in the model turn (after
-    the calls: agent trial s42, where it moved onto the text before them): Gemini 3 may end a function call step
+    the calls, not moved onto the text before them): Gemini 3 may end a function call step
     with one (in a stream: google/adk-go #442), and Google asks for
     signed parts back as received, never dropped (its thought signatures
     guide; earendil-works/pi #7362 echoes them: dropped, Gemini Flash
