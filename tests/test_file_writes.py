@@ -278,19 +278,29 @@ class StopTests(TestCase):
     timeout = 30
 
     @inlineCallbacks
-    def test_stop_waits_for_write(self):
+    def stop_while_rotating(self, grace: float) -> Any:
+        """
+        A gateway whose rotation's token file write is blocked, asked to
+        stop (its grace C{grace} seconds): fires with the gateway, the
+        token file, the blocked writes, the rotation's answer and the stop.
+        """
         directory = Path(self.mktemp())
         directory.mkdir(parents=True)
         token_file = directory / "token"
         writes = BlockingWrites(token_file)
         gateway = start_gateway(
-            self, service_options={"write_file": writes}, token_file=token_file, shutdown_grace_seconds=0.5
+            self, service_options={"write_file": writes}, token_file=token_file, shutdown_grace_seconds=grace
         )
         client = yield open_client(self, gateway.port)
         rotated = client.command(gateway.token, "rotate_token")
         began = yield entered(writes)
         self.assertTrue(began)
-        stopped = gateway.service.stopService()
+        return gateway, token_file, writes, rotated, gateway.service.stopService()
+
+    @inlineCallbacks
+    def test_stop_waits_for_write(self):
+        gateway, token_file, writes, rotated, stopped = yield self.stop_while_rotating(0.5)
+        directory = token_file.parent
         # Past the grace: the listeners and the connections are closed,
         # and the stop waits for the write.
         yield settle(1.5)
@@ -316,7 +326,6 @@ class StopTests(TestCase):
         self.assertFalse(token_file.exists())
         self.assertFalse(any(p.name.startswith(".token.") for p in directory.iterdir()))
 
-
     @inlineCallbacks
     def test_rotation_answered_during_the_stop(self):
         """
@@ -325,18 +334,7 @@ class StopTests(TestCase):
         has begun (review s43: a call left pending for the token's
         lifetime, after the service had stopped).
         """
-        directory = Path(self.mktemp())
-        directory.mkdir(parents=True)
-        token_file = directory / "token"
-        writes = BlockingWrites(token_file)
-        gateway = start_gateway(
-            self, service_options={"write_file": writes}, token_file=token_file, shutdown_grace_seconds=5
-        )
-        client = yield open_client(self, gateway.port)
-        rotated = client.command(gateway.token, "rotate_token")
-        began = yield entered(writes)
-        self.assertTrue(began)
-        stopped = gateway.service.stopService()
+        _, _, writes, rotated, stopped = yield self.stop_while_rotating(5)
         yield settle(0.3)
         writes.release.set()
         answer = yield within(rotated, 5.0, "the rotation's answer")
