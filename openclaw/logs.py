@@ -48,9 +48,11 @@ would write over each other's lines.
 from __future__ import annotations
 
 import contextlib
+import errno
 import faulthandler
 import math
 import os
+import pwd
 import re
 import signal
 import stat
@@ -408,10 +410,10 @@ class ReopenedLogFile:
         except OSError as error:
             _log.error(
                 "could not reopen the log file {path} on SIGUSR1: {reason}; logging goes on to the file "
-                "it had (where it was moved to): make {directory} exist and writable, then send SIGUSR1 again",
+                "it had (where it was moved to): {advice}, then send SIGUSR1 again",
                 path=self.path,
                 reason=error.strerror or str(error),
-                directory=os.path.dirname(self.path),
+                advice=reopen_advice(self.path, error),
             )
             return
         with self._lock:
@@ -420,6 +422,26 @@ class ReopenedLogFile:
                 # Before the file it wrote to is closed.
                 faulthandler.enable(reopened)
             previous.close()
+
+
+def reopen_advice(path: str, error: OSError) -> str:
+    """
+    What to do when the log file at C{path} could not be opened again
+    (C{error}): a file there that the gateway's user may not write (one a
+    log rotation made for another user, C{create 0600 root root}) is to
+    be given to that user; else its directory is to exist and be
+    writable.
+    """
+    if error.errno in (errno.EACCES, errno.EPERM) and os.path.lexists(path):
+        try:
+            user = pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            user = f"uid {os.geteuid()}"
+        return (
+            f"make {path} writable by the gateway's user {user} (chown it to {user}; with logrotate, "
+            f"create 0640 {user} <group>)"
+        )
+    return f"make {os.path.dirname(path)} exist and writable"
 
 
 #: The line written before the first line that could be written after

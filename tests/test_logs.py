@@ -32,6 +32,7 @@ from openclaw.logs import (
     log_file_mode,
     make_observer,
     offer_log_observer,
+    reopen_advice,
 )
 from openclaw.settings import ConfigError
 from openclaw.settings.permissions import untrusted_log_file
@@ -523,6 +524,32 @@ class DestinationTests(SynchronousTestCase):
             f"the file it had (where it was moved to): make {logs} exist and writable, then send SIGUSR1 again",
         )
         self.assertEqual(messages(path), ["after"])
+
+    def test_reopen_advice(self):
+        """
+        A log file there that the gateway's user may not write (one a log
+        rotation created as root, 0600) is to be given to that user, not
+        its directory made writable (README trial s43: the advice named a
+        directory that was writable already).
+        """
+        import pwd
+
+        directory = Path(self.mktemp()).resolve()
+        directory.mkdir(parents=True)
+        path = str(directory / "gw.log")
+        denied = OSError(errno.EACCES, "Permission denied")
+        self.assertEqual(reopen_advice(path, denied), f"make {directory} exist and writable")
+        Path(path).touch()
+        user = pwd.getpwuid(os.geteuid()).pw_name
+        self.assertEqual(
+            reopen_advice(path, denied),
+            f"make {path} writable by the gateway's user {user} (chown it to {user}; with logrotate, "
+            f"create 0640 {user} <group>)",
+        )
+        self.assertEqual(
+            reopen_advice(path, OSError(errno.ENOENT, "No such file or directory")),
+            f"make {directory} exist and writable",
+        )
 
     def test_fifo_refused_not_waited_on(self):
         """
