@@ -107,8 +107,9 @@ class Options(usage.Options):
             "state-dir",
             None,
             None,
-            "Keep the active provider here (STATE_DIR) [default: the working directory with -n, "
-            "else $STATE_DIRECTORY, $XDG_STATE_HOME/openclaw, /var/lib/openclaw for root or ~/.local/state/openclaw]",
+            "Keep the active provider here (STATE_DIR) [default: $STATE_DIRECTORY when set (systemd), else "
+            "the working directory with -n, else $XDG_STATE_HOME/openclaw, /var/lib/openclaw for root or "
+            "~/.local/state/openclaw]",
         ],
         [
             "workers",

@@ -1735,7 +1735,7 @@ class AnotherUsersGatewayTests(TestCase):
         for _ in range(2):
             out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "rotate-token")
             self.assertEqual((err, code), ("", 0))
-            self.assertIn(f"new token written to {self.token_file}", out)
+            self.assertIn(f"new token in {self.token_file} (written by the gateway: its TOKEN_FILE)", out)
             self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
         out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "ping")
         self.assertEqual((err, code), ("", 0))
@@ -1755,7 +1755,7 @@ class AnotherUsersGatewayTests(TestCase):
         yield self.started()
         out, err, code = yield rotate_without_chown(self.url, self.token_file)
         self.assertEqual((err, code), (b"", 0))
-        self.assertIn(f"new token written to {self.token_file}", out.decode())
+        self.assertIn(f"new token in {self.token_file} (written by the gateway: its TOKEN_FILE)", out.decode())
         self.assertEqual(self.owner(), (NOBODY, NOBODY, 0o600))
         out, err, code = yield run_ctl("--url", self.url, "--token-file", str(self.token_file), "ping")
         self.assertEqual((err, code), ("", 0))

@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from openclaw.ctl.request import PROG, Reply, Request
 from openclaw.ctl.show import PRINTED_MAX, QUOTED_MAX, Report, printable, render
@@ -91,7 +91,7 @@ def holds_token(token_file: Path, token: str) -> bool:
     return held is not None and held.strip() == token.encode("utf-8")
 
 
-def save_token(token_file: Path, token: str, presented: str | None = None) -> bool:
+def save_token(token_file: Path, token: str, presented: str | None = None) -> Literal["written", "held", "newer"]:
     """
     Write a rotated C{token} to C{token_file}: nothing to do when it holds
     it already (the gateway's own C{TOKEN_FILE}, which the gateway rewrote
@@ -105,17 +105,18 @@ def save_token(token_file: Path, token: str, presented: str | None = None) -> bo
         read from C{token_file}: a file that holds neither it nor C{token}
         now was rewritten since by the gateway, with a newer token (another
         rotation, a cluster's renewal), and is left as it is.
-    @return: whether C{token_file} holds C{token} now (False: a newer one).
+    @return: C{"written"}; C{"held"}: it held C{token} already (written
+        by the gateway); C{"newer"}: it holds a newer one, left as it is.
     @raise openclaw.files.OwnerNotKept: the file there is another user's
         and this user may not give the new one to it; it is left as it was.
     @raise OSError: it cannot be written; it is left as it was.
     """
     if holds_token(token_file, token):
-        return True
+        return "held"
     if presented is not None and not holds_token(token_file, presented) and token_file.exists():
-        return False
+        return "newer"
     write_token_file(token_file, token, keep_owner=True)
-    return True
+    return "written"
 
 
 def conclude(request: Request, reply: Reply) -> Report:
@@ -131,13 +132,15 @@ def conclude(request: Request, reply: Reply) -> Report:
     check_answer(request, answer)
     saved_to = None
     save_error = note = None
+    by_gateway = False
     if answer["ok"] and request.cmd == "rotate_token" and request.token_file is not None:
         failed = f"{PROG}: error: the token was rotated but writing it to {request.token_file} failed"
         keep = "the new token is on stdout: keep it"
         try:
             presented = request.token if request.token_from_file else None
-            if save_token(request.token_file, answer["result"]["token"], presented):
-                saved_to = request.token_file
+            saved = save_token(request.token_file, answer["result"]["token"], presented)
+            if saved != "newer":
+                saved_to, by_gateway = request.token_file, saved == "held"
             else:
                 note = (
                     f"{PROG}: note: {request.token_file} was rewritten since with a newer token (by the gateway: "
@@ -151,4 +154,6 @@ def conclude(request: Request, reply: Reply) -> Report:
             )
         except OSError as e:
             save_error = f"{failed}: {e.strerror or e}; {keep}"
-    return render(request, reply, answer, saved_to=saved_to, save_error=save_error, note=note)
+    return render(
+        request, reply, answer, saved_to=saved_to, save_error=save_error, note=note, saved_by_gateway=by_gateway
+    )

@@ -376,13 +376,16 @@ def format_health(result: Mapping[str, Any]) -> str:
     )
 
 
-def format_rotation(result: Mapping[str, Any], saved_to: Path | None) -> str:
+def format_rotation(result: Mapping[str, Any], saved_to: Path | None, by_gateway: bool = False) -> str:
     """
     The lines for C{rotate_token}'s result (C{jti}, C{expires}, C{token}):
-    the new token's id and expiry, then where it was written (C{saved_to})
-    or, with no file, the token itself.
+    the new token's id and expiry, then where it was written (C{saved_to};
+    C{by_gateway}: the gateway's own C{TOKEN_FILE}, which it wrote before
+    answering) or, with no file, the token itself.
     """
     head = f"token rotated (id {result.get('jti')}, expires {result.get('expires')}); the old token no longer works"
+    if saved_to is not None and by_gateway:
+        return f"{head}\nnew token in {saved_to} (written by the gateway: its TOKEN_FILE)"
     if saved_to is not None:
         return f"{head}\nnew token written to {saved_to}"
     return f"{head}\nnew token: {result.get('token')}"
@@ -412,6 +415,7 @@ def render(
     saved_to: Path | None = None,
     save_error: str | None = None,
     note: str | None = None,
+    saved_by_gateway: bool = False,
 ) -> Report:
     """
     The output of one answered command.  stdout carries the answer (as is
@@ -440,7 +444,7 @@ def render(
             "status": lambda: format_status(result),
             "switch_provider": lambda: format_switch(result),
             "health_check": lambda: format_health(result),
-            "rotate_token": lambda: format_rotation(result, saved_to),
+            "rotate_token": lambda: format_rotation(result, saved_to, saved_by_gateway),
             "usage": lambda: format_usage(result),
         }.get(request.cmd, lambda: format_consumers(result))()
     else:
