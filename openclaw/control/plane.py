@@ -499,7 +499,7 @@ class ControlPlane:
                 peer=peer,
                 jti=jti,
                 outcome=outcome,
-                duration_ms=took * 1000,
+                duration_ms=round(took * 1000, 2),
                 **({} if self.instance is None else {"instance": self.instance}),
                 **(fields or {}),
             )
