@@ -313,6 +313,104 @@ MOONSHOT_CONTEXT_EXCEEDED = re.compile(r"exceeded model token limit|model max le
 #: 'specified' is ..." (as its users quote them: can1357/oh-my-pi#827,
 #: #1077; UKGovernmentBEIS/inspect_ai#5152).
 MOONSHOT_FORCED_TOOL_CHOICE = re.compile(r"tool_choice\b.*\bincompatible with thinking", re.IGNORECASE)
+#: Moonshot's refusal of a tool's C{parameters} its validator does not take
+#: ("tools.function.parameters is not a valid moonshot flavored json
+#: schema, details: <At path 'properties.task': type is not defined>"):
+#: Moonshot checks them against a subset of JSON Schema of its own
+#: ("Moonshot flavored JSON schema", MFJS).
+MOONSHOT_TOOL_SCHEMA = re.compile(r"moonshot flavored json schema|tools\.function\.parameters", re.IGNORECASE)
+#: What to do about such a refusal (the shapes public reports show
+#: Moonshot refusing: MoonshotAI/kimi-cli #2531, #2061; vercel/ai #18921).
+TOOL_SCHEMA_ADVICE = (
+    "Moonshot checks a tool's parameters against its own subset of JSON Schema: give every property a type, "
+    'make the parameters an object ("type": "object"), keep a $ref local (#/$defs/...) with no keyword beside it, '
+    "and use no boolean schema (true/false); at the root, no anyOf (Moonshot refuses a type beside it, and some "
+    "of its models a root without one): give the alternatives as properties, or as tools of their own.  The "
+    "gateway already moves a type given beside a nested anyOf into its branches and an items list into "
+    "prefixItems.  A schema Gemini took may be refused here"
+)
+#: The keywords of a schema whose values are schemas, by how they hold
+#: them (JSON Schema 2020-12, section 10; C{definitions}, the older
+#: C{$defs}): a list of them, a map of names to them, or one.
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_ONES = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then", "else")
+
+
+def moonshot_schema(schema: Any, root: bool = False) -> Any:
+    """
+    A tool's C{parameters} (JSON Schema) as Moonshot's validator takes
+    them, the same meaning: a C{type} beside C{anyOf} moved into each
+    branch that has none (Moonshot: "when using anyOf, type should be
+    defined in anyOf items instead of the parent schema"; a branch that
+    is a C{$ref} is left alone, its type is its target's), and a list of
+    C{items} (a tuple, draft 4-2019) written as C{prefixItems} (2020-12;
+    Moonshot: "items must be an object"), as vercel/ai #18921 checked
+    against Moonshot's live validator.  Not at the C{root} of a tool's
+    parameters, which some of Moonshot's models refuse without C{"type":
+    "object"} (MiqroForge-Desktop #1165, against its API; wecode-ai/Wegent
+    #2445): such a root is left for Moonshot to judge, its refusal says
+    what to do (L{TOOL_SCHEMA_ADVICE}).  C{schema} itself when nothing is
+    to change (no copy), else a changed copy; the caller's is never
+    changed.  Anything else is left for Moonshot to judge
+    (L{TOOL_SCHEMA_ADVICE} says what it refuses).
+    """
+    if not isinstance(schema, dict):
+        return schema
+    changed: dict[str, Any] = {}
+    dropped: set[str] = set()
+    for key in _SCHEMA_LISTS:
+        value = schema.get(key)
+        if isinstance(value, list):
+            kept = [moonshot_schema(item) for item in value]
+            if any(new is not old for new, old in zip(kept, value, strict=True)):
+                changed[key] = kept
+    for key in _SCHEMA_MAPS:
+        value = schema.get(key)
+        if isinstance(value, dict):
+            kept_map = {name: moonshot_schema(item) for name, item in value.items()}
+            if any(kept_map[name] is not item for name, item in value.items()):
+                changed[key] = kept_map
+    for key in _SCHEMA_ONES:
+        value = schema.get(key)
+        if isinstance(value, dict):
+            new = moonshot_schema(value)
+            if new is not value:
+                changed[key] = new
+    items = schema.get("items")
+    if isinstance(items, list):
+        before = changed.get("prefixItems", schema.get("prefixItems"))
+        changed["prefixItems"] = [*(before if isinstance(before, list) else ()), *map(moonshot_schema, items)]
+        dropped.add("items")
+    kind, branches = schema.get("type"), changed.get("anyOf", schema.get("anyOf"))
+    if isinstance(kind, str) and isinstance(branches, list) and not root:
+        changed["anyOf"] = [
+            {"type": kind, **branch}
+            if isinstance(branch, dict) and "type" not in branch and "$ref" not in branch
+            else branch
+            for branch in branches
+        ]
+        dropped.add("type")
+    if not changed:
+        return schema
+    return {key: value for key, value in {**schema, **changed}.items() if key not in dropped}
+
+
+def moonshot_parameters(parameters: Any) -> Any:
+    """
+    A function tool's C{parameters} as Moonshot's validator takes them:
+    L{moonshot_schema}, and C{"type": "object"} when the root names no
+    type (C{{}}, or properties alone): a call's arguments are always an
+    object (OpenAI's function calling), and Moonshot refuses a root
+    without it ("tools.function.parameters.type is required and must be
+    \"object\"").
+    """
+    reshaped = moonshot_schema(parameters, root=True)
+    if isinstance(reshaped, dict) and "type" not in reshaped and "anyOf" not in reshaped:
+        return {"type": "object", **reshaped}
+    return reshaped
+
+
 #: What a client can do about it: Moonshot's own field turns thinking off
 #: for the call, on the models that take it (kimi-k2.5 and later: its
 #: parameters table, https://platform.moonshot.ai/docs), or the call lets
@@ -349,7 +447,9 @@ class KimiAdapter(OpenAICompatibleAdapter):
     #: cached prompt tokens are also given where OpenAI has them
     #: (L{moonshot_usage}).  An assistant message with an empty content goes
     #: without it, or, with no tool calls either, as its refusal or not at
-    #: all (Moonshot refuses any empty assistant message).
+    #: all (Moonshot refuses any empty assistant message).  Its tools'
+    #: parameters are written as Moonshot's validator takes them
+    #: (L{moonshot_parameters}).
     wire: ClassVar[Wire] = ReasoningKeptWire(
         thinks=thinks,
         tool_types=(MoonshotBuiltinTools(),),
@@ -361,6 +461,7 @@ class KimiAdapter(OpenAICompatibleAdapter):
         google_extras=False,
         usage_shape=moonshot_usage,
         empty_assistant_content=False,
+        tool_parameters=moonshot_parameters,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.
     prices: ClassVar[Mapping[str, Price]] = MappingProxyType(
@@ -376,7 +477,10 @@ class KimiAdapter(OpenAICompatibleAdapter):
         """
         As an OpenAI-compatible API's, and Moonshot's words for a prompt
         over the model's context window (L{MOONSHOT_CONTEXT_EXCEEDED}) are
-        OpenAI's C{context_length_exceeded}, which agents act on.
+        OpenAI's C{context_length_exceeded}, which agents act on; its
+        refusal of a forced C{tool_choice} by a thinking model names
+        C{tool_choice}, and of a tool's parameters (L{MOONSHOT_TOOL_SCHEMA})
+        names C{tools}, each with what to do.
         """
         refusal = super().refusal(status, body, retry_after)
         if status == 400 and refusal.kind == RefusalKind.REQUEST and MOONSHOT_CONTEXT_EXCEEDED.search(refusal.message):
@@ -387,6 +491,8 @@ class KimiAdapter(OpenAICompatibleAdapter):
             and MOONSHOT_FORCED_TOOL_CHOICE.search(refusal.message)
         ):
             return attrs.evolve(refusal, param="tool_choice", advice=FORCED_TOOL_CHOICE_ADVICE)
+        if status == 400 and refusal.kind == RefusalKind.REQUEST and MOONSHOT_TOOL_SCHEMA.search(refusal.message):
+            return attrs.evolve(refusal, param="tools", advice=TOOL_SCHEMA_ADVICE)
         return refusal
 
 

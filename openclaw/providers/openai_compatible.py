@@ -101,14 +101,20 @@ class OpenAIWire:
     #: thoughts alone leave in an agent's history, a Gemini answer's
     #: included).
     empty_assistant_content: bool = attrs.field(default=True, kw_only=True)
+    #: Each function tool's C{parameters} as the provider's validator takes
+    #: them (Kimi's: L{moonshot_parameters
+    #: <openclaw.providers.kimi.moonshot_parameters>}), returned as they are
+    #: when nothing changes; None: sent as the client wrote them.
+    tool_parameters: Callable[[Any], Any] | None = attrs.field(default=None, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
         The caller's body with C{model}, and C{stream_options.include_usage}
         on a stream; an image data URL's type in lower case
         (L{refuse_image_types}); an assistant message without its empty
-        C{content}, or left out, unless L{empty_assistant_content}.  The
-        caller's messages are not changed (a copy is sent).
+        C{content}, or left out, unless L{empty_assistant_content}; each
+        function tool's C{parameters} through L{tool_parameters}.  The
+        caller's messages and tools are not changed (a copy is sent).
 
         @raise APIError: 400 for an image data URL of a type the API does
             not take (L{image_types}).
@@ -124,6 +130,11 @@ class OpenAIWire:
                 if message["role"] == "assistant" and _holds_empty(message):
                     body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
                     break
+        if self.tool_parameters is not None and body.get("tools"):
+            tools = body["tools"]
+            sent = [_reshaped(tool, self.tool_parameters) for tool in tools]
+            if any(new is not old for new, old in zip(sent, tools, strict=True)):
+                body["tools"] = sent
         if chat.stream and not chat.include_usage:
             # Every stream's usage is counted: ask for it even when the
             # client did not (OpenAI's stream_options.include_usage); the
@@ -177,6 +188,20 @@ class OpenAIWire:
             one_call=chat.one_call,
             usage_shape=self.usage_shape,
         )
+
+
+def _reshaped(tool: Any, reshape: Callable[[Any], Any]) -> Any:
+    """
+    C{tool} (validated: an object) with its function's C{parameters}
+    through C{reshape}; C{tool} itself when they do not change.
+    """
+    function = tool.get("function")
+    if not isinstance(function, dict) or "parameters" not in function:
+        return tool
+    parameters = reshape(function["parameters"])
+    if parameters is function["parameters"]:
+        return tool
+    return {**tool, "function": {**function, "parameters": parameters}}
 
 
 def _calls_tools(choice: Any) -> bool:

@@ -726,6 +726,7 @@ def openai_chat(request: Request, behaviour: ProviderBehaviour) -> tuple[int, An
     _check_builtin_results(body["messages"])
     if _MOONSHOT_MODEL.match(model):
         _check_moonshot_content(body["messages"])
+        _check_moonshot_tools(body.get("tools"))
     thinking = body.get("thinking")
     if _KIMI_THINKING.search(model) and not (isinstance(thinking, dict) and thinking.get("type") == "disabled"):
         _check_kimi_reasoning(body["messages"])
@@ -1202,6 +1203,56 @@ def _check_moonshot_content(messages: list[Any]) -> None:
             isinstance(part, dict) and part.get("type") == "text" and part.get("text") == "" for part in parts
         ):
             raise Reject(400, "Invalid request: text content is empty")
+
+
+#: What Moonshot's validator of tool parameters says before its details.
+_MFJS_REFUSAL = "Invalid request: tools.function.parameters is not a valid moonshot flavored json schema, details: "
+
+
+def _check_moonshot_tools(tools: Any) -> None:
+    """
+    Refuse tool parameters as Moonshot's validator ("Moonshot flavored JSON
+    schema") does, in its words, for the shapes public reports show it
+    refusing: a root whose type is not C{"object"} (MiqroForge-Desktop
+    #1165), a C{type} beside C{anyOf} ("when using anyOf, type should be
+    defined in anyOf items instead of the parent schema": MoonshotAI/kimi-cli
+    #2531), a list of C{items} ("items must be an object": vercel/ai
+    #18921).
+    """
+    if not isinstance(tools, list):
+        return
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or "parameters" not in function:
+            continue
+        parameters = function["parameters"]
+        if not isinstance(parameters, dict) or parameters.get("type") != "object":
+            raise Reject(400, 'Invalid request: tools.function.parameters.type is required and must be "object"')
+        _check_mfjs_node(parameters, "root")
+
+
+def _check_mfjs_node(schema: Any, path: str) -> None:
+    if not isinstance(schema, dict):
+        return
+    if "type" in schema and "anyOf" in schema:
+        raise Reject(
+            400,
+            f"{_MFJS_REFUSAL}<At path '{path}': when using anyOf, type should be defined in anyOf items instead of "
+            "the parent schema>",
+        )
+    if isinstance(schema.get("items"), list):
+        raise Reject(400, f"{_MFJS_REFUSAL}<At path '{path}': items must be an object>")
+    within = "" if path == "root" else path + "."
+    for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+        if isinstance(schema.get(key), list):
+            for index, item in enumerate(schema[key]):
+                _check_mfjs_node(item, f"{within}{key}.{index}")
+    for key in ("properties", "$defs", "definitions"):
+        if isinstance(schema.get(key), dict):
+            for name, item in schema[key].items():
+                _check_mfjs_node(item, f"{within}{key}.{name}")
+    for key in ("items", "additionalProperties"):
+        _check_mfjs_node(schema.get(key), f"{within}{key}")
 
 
 #: Moonshot's models that think by default (kimi-k2.5 and later, the
