@@ -245,3 +245,50 @@ class AgentTests(DataPlaneTestCase):
                 }
             ],
         )
+
+
+class RepeatedCallTests(SynchronousTestCase):
+    """
+    A function call Gemini sends again with the same C{id} (a Gemini 3
+    stream repeating a call without its signature: agent trial s43,
+    allenhutchison/obsidian-gemini #230) is one call, not two an agent
+    would run twice; calls without an id, or with ids of their own, stay.
+    """
+
+    def setUp(self) -> None:
+        self.CALL = {"name": "search_files", "args": {"q": "x"}, "id": "fc-9"}
+
+    def test_streamed(self) -> None:
+        stream = translate.GeminiStream("m", "id", 0)
+        chunks = [
+            stream.chunk(
+                {
+                    "candidates": [
+                        {
+                            **candidate({"functionCall": self.CALL, "thoughtSignature": "U0lHMQ=="}),
+                            "finishReason": None,
+                        }
+                    ]
+                }
+            ),
+            stream.chunk(
+                {"candidates": [candidate({"functionCall": self.CALL}, {"functionCall": {**self.CALL, "id": "fc-10"}})]}
+            ),
+        ]
+        calls = [call for chunk in chunks if chunk for call in chunk["choices"][0]["delta"].get("tool_calls", ())]
+        self.assertEqual([call["index"] for call in calls], [0, 1])
+        self.assertEqual(len({call["id"] for call in calls}), 2)
+
+    def test_whole(self) -> None:
+        document = {
+            "candidates": [
+                candidate(
+                    {"functionCall": self.CALL, "thoughtSignature": "U0lHMQ=="},
+                    {"functionCall": self.CALL},
+                    {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
+                    {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
+                )
+            ]
+        }
+        calls = translate.from_gemini(document, "m", "id", 0)["choices"][0]["message"]["tool_calls"]
+        self.assertEqual([json.loads(call["function"]["arguments"])["q"] for call in calls], ["x", "y", "y"])

@@ -1313,7 +1313,12 @@ class _Reading:
         return bool(self.text or self.tool_calls)
 
 
-def _read(candidate: dict[str, Any], first_index: int = 0, log: ILogObserver | None = None) -> _Reading:
+def _read(
+    candidate: dict[str, Any],
+    first_index: int = 0,
+    log: ILogObserver | None = None,
+    call_ids: set[str] | None = None,
+) -> _Reading:
     """
     Read a candidate's parts (its C{Content},
     U{https://ai.google.dev/api/caching#Content}): C{text} parts, thought
@@ -1333,6 +1338,11 @@ def _read(candidate: dict[str, Any], first_index: int = 0, log: ILogObserver | N
 
     @param first_index: the OpenAI C{index} of the first tool call read.
     @param log: where a warning of a tool call's id goes (L{_tool_call}).
+    @param call_ids: the C{functionCall} ids of the choice's calls read
+        so far (its earlier events' in a stream), added to: a call whose
+        id is among them is Gemini repeating it (a Gemini 3 stream may send
+        a call again without its signature: allenhutchison/obsidian-gemini
+        #230) and is left out, so that an agent runs it once.
     @raise MalformedAnswer: a shape Gemini's API does not return:
         C{content} not an object, C{parts} not a list, a part not an
         object, C{text} not a string, a C{functionCall} not an object or
@@ -1360,6 +1370,12 @@ def _read(candidate: dict[str, Any], first_index: int = 0, log: ILogObserver | N
             raise MalformedAnswer("a part of Gemini's answer is not a JSON object; retry")
         call = part.get("functionCall")
         if call is not None:
+            if call_ids is not None and isinstance(call, dict):
+                gemini_id = call.get("id")
+                if isinstance(gemini_id, str) and gemini_id:
+                    if gemini_id in call_ids:
+                        continue
+                    call_ids.add(gemini_id)
             reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls), log))
             continue
         said = part.get("text")
@@ -1606,7 +1622,7 @@ def from_gemini(
                 "Gemini's candidate has no finishReason: the model had not stopped, so its answer may be cut "
                 "short; retry"
             )
-        reading = _read(candidate, log=log)
+        reading = _read(candidate, log=log, call_ids=set())
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
         _note(skipped, reading.skipped)
@@ -1709,6 +1725,9 @@ class GeminiStream:
     _finished: dict[int, str] = attrs.field(factory=dict)
     #: choice index -> tool calls sent so far.
     _calls: dict[int, int] = attrs.field(factory=dict)
+    #: choice index -> the C{functionCall} ids of its calls read so far
+    #: (L{_read}: a repeated one is left out).
+    _call_ids: dict[int, set[str]] = attrs.field(factory=dict)
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
@@ -1805,7 +1824,7 @@ class GeminiStream:
                 self._started.add(index)
                 delta["role"] = "assistant"
             try:
-                reading = _read(candidate, self._calls.get(index, 0))
+                reading = _read(candidate, self._calls.get(index, 0), call_ids=self._call_ids.setdefault(index, set()))
             except MalformedAnswer as e:
                 raise GeminiStreamError(str(e), e.code) from None
             if reading.reasoning:
