@@ -35,6 +35,15 @@ PARAMETERS: dict[str, Any] = {
     "required": ["id"],
     "$defs": {"Place": {"type": "object", "properties": {"name": {"type": "string"}}}},
 }
+#: The same with draft 7's definitions beside no $defs.
+DRAFT_7: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "old": {"$ref": "#/definitions/Old"},
+        "many": {"type": "array", "items": {"$ref": "#/definitions/Old"}},
+    },
+    "definitions": {"Old": {"type": "object", "properties": {"next": {"$ref": "#/definitions/Old"}}}},
+}
 
 
 class MoonshotSchemaTests(SynchronousTestCase):
@@ -55,6 +64,14 @@ class MoonshotSchemaTests(SynchronousTestCase):
             properties["pair"], {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}
         )
         self.assertEqual((sent["type"], sent["required"], sent["$defs"]), ("object", ["id"], PARAMETERS["$defs"]))
+
+    def test_definitions(self) -> None:
+        sent = moonshot_parameters(DRAFT_7)
+        self.assertNotIn("definitions", sent)
+        self.assertEqual(sent["$defs"], {"Old": {"type": "object", "properties": {"next": {"$ref": "#/$defs/Old"}}}})
+        self.assertEqual(sent["properties"]["old"], {"$ref": "#/$defs/Old"})
+        self.assertEqual(sent["properties"]["many"]["items"], {"$ref": "#/$defs/Old"})
+        self.assertEqual(DRAFT_7["properties"]["old"], {"$ref": "#/definitions/Old"})
 
     def test_unchanged_is_the_same_object(self) -> None:
         plain = {"type": "object", "properties": {"q": {"type": "string"}, "n": {"anyOf": [{"type": "integer"}]}}}
@@ -98,6 +115,10 @@ class KimiToolSchemaTests(DataPlaneTestCase):
                 answer = list(answer)
             sent = self.upstream.kimi.last_body["tools"][0]["function"]["parameters"]
             self.assertEqual(sent, moonshot_parameters(PARAMETERS))
+        answer = yield deferToThread(
+            client.chat.completions.create, model=KIMI, messages=QUESTION, tools=self.tools(DRAFT_7)
+        )
+        self.assertEqual(self.upstream.kimi.last_body["tools"][0]["function"]["parameters"]["$defs"].keys(), {"Old"})
         answer = yield deferToThread(
             client.chat.completions.create, model=GEMINI, messages=QUESTION, tools=self.tools(PARAMETERS)
         )

@@ -396,6 +396,26 @@ def moonshot_schema(schema: Any, root: bool = False) -> Any:
     return {key: value for key, value in {**schema, **changed}.items() if key not in dropped}
 
 
+#: How a draft 7 reference to one of the root's C{definitions} begins.
+_DEFINITIONS_REF = "#/definitions/"
+
+
+def _refs_to_defs(value: Any) -> Any:
+    """
+    C{value} (a schema, or a part of one) with each C{$ref} to the root's
+    C{definitions} naming the same schema under C{$defs}; a copy.
+    """
+    if isinstance(value, list):
+        return [_refs_to_defs(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    moved = {key: _refs_to_defs(item) for key, item in value.items()}
+    ref = moved.get("$ref")
+    if isinstance(ref, str) and ref.startswith(_DEFINITIONS_REF):
+        moved["$ref"] = "#/$defs/" + ref[len(_DEFINITIONS_REF) :]
+    return moved
+
+
 def moonshot_parameters(parameters: Any) -> Any:
     """
     A function tool's C{parameters} as Moonshot's validator takes them:
@@ -403,9 +423,16 @@ def moonshot_parameters(parameters: Any) -> Any:
     type (C{{}}, or properties alone): a call's arguments are always an
     object (OpenAI's function calling), and Moonshot refuses a root
     without it ("tools.function.parameters.type is required and must be
-    \"object\"").
+    \"object\""); the root's C{definitions} (draft 7) as C{$defs}, their
+    references with them.
     """
     reshaped = moonshot_schema(parameters, root=True)
+    if isinstance(reshaped, dict) and isinstance(reshaped.get("definitions"), dict) and "$defs" not in reshaped:
+        # Draft 7's definitions, which Moonshot's references may not name
+        # ("references must start with #/$defs": CommandCodeAI/command-code
+        # #594): the same schemas under 2020-12's $defs.
+        rest = {key: value for key, value in reshaped.items() if key != "definitions"}
+        reshaped = {**_refs_to_defs(rest), "$defs": _refs_to_defs(reshaped["definitions"])}
     if isinstance(reshaped, dict) and "type" not in reshaped and "anyOf" not in reshaped:
         return {"type": "object", **reshaped}
     return reshaped

@@ -1217,7 +1217,8 @@ def _check_moonshot_tools(tools: Any) -> None:
     #1165), a C{type} beside C{anyOf} ("when using anyOf, type should be
     defined in anyOf items instead of the parent schema": MoonshotAI/kimi-cli
     #2531), a list of C{items} ("items must be an object": vercel/ai
-    #18921).
+    #18921), a reference elsewhere than C{#/$defs/} (CommandCodeAI/command-code
+    #594).
     """
     if not isinstance(tools, list):
         return
@@ -1242,6 +1243,9 @@ def _check_mfjs_node(schema: Any, path: str) -> None:
         )
     if isinstance(schema.get("items"), list):
         raise Reject(400, f"{_MFJS_REFUSAL}<At path '{path}': items must be an object>")
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and not ref.startswith("#/$defs/"):
+        raise Reject(400, f"{_MFJS_REFUSAL}<At path '{path}': references must start with #/$defs/>")
     within = "" if path == "root" else path + "."
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(schema.get(key), list):
