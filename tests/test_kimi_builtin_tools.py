@@ -157,6 +157,13 @@ class GeminiTests(DataPlaneTestCase):
         self.assertEqual(error["param"], param)
         self.assertIn("$web_search, one of Moonshot's built-in tools", error["message"])
         self.assertIn('kimi model (model "kimi/<model>")', error["message"])
+        # What an agent on the active route can do once it is Gemini
+        # (agent trial s43: told only to send it to a kimi model).
+        self.assertIn(
+            "; or, to go on with gemini, leave $web_search out of tools, and its calls and their tool messages out "
+            "of the history",
+            error["message"],
+        )
 
     @inlineCallbacks
     def test_refused(self):

@@ -344,9 +344,18 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
             continue
         takers = offered.takers[kind]
         elsewhere = " or ".join(f'{_article(taker)} {taker} model (model "{taker}/<model>")' for taker in takers)
+        # To go on with this provider instead (the active route was
+        # switched to it: agent trial s43), the tool's declaration, its
+        # calls and their tool messages are to be left out.
+        instead = (
+            f"; or, to go on with {provider_id}, leave {name} out of tools, and its calls and their tool messages "
+            "out of the history"
+            if provider_id
+            else ""
+        )
         raise bad_request(
             f"{where} {does} {name}, {offered.types[kind].described} (type {kind}), which "
-            f"{provider_id or 'this provider'} does not take: send this conversation to {elsewhere}",
+            f"{provider_id or 'this provider'} does not take: send this conversation to {elsewhere}{instead}",
             param=where,
         )
 
