@@ -86,6 +86,12 @@ REVOKED = "token revoked"
 #: lockout): a client told the token was revoked, or locked out for it,
 #: had done right.
 NOT_KNOWN_YET = "token not known here yet"
+#: The refusals of a token this gateway (or its cluster) signed: no guess
+#: (its signature was checked), so not counted toward a connection's
+#: failed authentications nor the lockout; a client that kept one after
+#: a renewal or a rotation (a dashboard, a second operator) must not lock
+#: every operator of its address out.
+GENUINE_REFUSALS = frozenset({EXPIRED, REVOKED, NOT_KNOWN_YET})
 NOT_KNOWN_YET_HINT = "this instance has not heard of the cluster's latest rotation; retry in a moment"
 
 

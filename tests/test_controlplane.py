@@ -178,8 +178,11 @@ class CommandTests(TestCase):
         current one (the cluster's newest, not applied here yet) is
         answered "token not known here yet" with what to do, past
         MAX_AUTH_FAILURES and AUTH_LOCKOUT_FAILURES, without closing the
-        connection or locking its address out; a token issued before the
-        current one is still revoked, and counted.
+        connection or locking its address out; so is a token issued before
+        the current one, revoked (cluster trial s43: two dashboards still
+        pinging with the token a renewal had replaced locked every
+        operator of their address out of the whole cluster); a token the
+        gateway did not sign is counted.
         """
         gateway = start_gateway(self, max_auth_failures=2, auth_lockout_failures=3)
         current = gateway.service.sessions.current
@@ -197,10 +200,18 @@ class CommandTests(TestCase):
         self.assertFalse(client.closed.called)
         answer = yield client.ask(gateway.token, "ping")
         self.assertTrue(answer["ok"], answer)
-        guesser = yield open_client(self, gateway.port)
-        for _ in range(2):
-            answer = yield guesser.ask(older, "ping")
+        stale = yield open_client(self, gateway.port)
+        for _ in range(6):
+            answer = yield stale.ask(older, "ping")
             self.assertEqual(answer["error"], "token revoked")
+        self.assertFalse(stale.closed.called)
+        answer = yield stale.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        guesser = yield open_client(self, gateway.port)
+        forged = jwt.encode({**claims, "jti": "forged"}, "not-the-secret" * 3, algorithm="HS256")
+        for _ in range(2):
+            answer = yield guesser.ask(forged, "ping")
+            self.assertEqual(answer["error"], "invalid token")
         code, reason = yield guesser.closed
         self.assertEqual((code, reason), (1008, "too many failed authentications"))
         metrics = gateway.service.metrics.registry
@@ -208,7 +219,7 @@ class CommandTests(TestCase):
             metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token not known here yet"}), 6
         )
         self.assertEqual(
-            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token revoked"}), 2
+            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token revoked"}), 6
         )
 
     @inlineCallbacks

@@ -34,7 +34,7 @@ from openclaw.control.commands import (
     summarise,
 )
 from openclaw.metrics import INVALID, GatewayMetrics
-from openclaw.session import MISSING, NOT_KNOWN_YET, SessionAuthority, TokenRejected
+from openclaw.session import GENUINE_REFUSALS, MISSING, NOT_KNOWN_YET, SessionAuthority, TokenRejected
 
 
 def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
@@ -251,7 +251,7 @@ class ControlPlane:
                     cmd=summarise(cmd),
                 )
             else:
-                self._auth_failed(connection, rejected.reason, cmd)
+                self._auth_failed(connection, rejected.reason, cmd, counted=rejected.reason not in GENUINE_REFUSALS)
             return self._refuse(cmd, str(rejected))
         if connection.failed_auths:
             connection.failed_auths = 0
@@ -312,19 +312,27 @@ class ControlPlane:
         assert self._fence is not None
         return self._fence().addCallbacks(lambda _: handler(data), cluster_refusal)
 
-    def _auth_failed(self, connection: Connection, reason: str, cmd: object) -> None:
+    def _auth_failed(self, connection: Connection, reason: str, cmd: object, counted: bool = True) -> None:
         """
         Count and log one authentication failure of C{connection} (a
         token refused for C{reason}, or a message before authentication
         with no token at all), with the proxy it came through if any.
+        Not C{counted} toward the connection's failures in a row (and so
+        its close and its address's lockout): a token the gateway signed,
+        expired or replaced (L{GENUINE_REFUSALS
+        <openclaw.session.GENUINE_REFUSALS>}), is no guess.
         """
-        connection.failed_auths += 1
+        if counted:
+            connection.failed_auths += 1
         # Counted first, and logged with a summary that cannot raise:
         # whatever the peer sent, the failure is accounted for.
         self._metrics.auth_failed(reason)
         who, fields = from_peer(connection.proxy)
         self._log.warn(
-            "auth failure " + who + ": {reason} (cmd {cmd}, {failed_auths} in a row)",
+            "auth failure "
+            + who
+            + ": {reason} (cmd {cmd}, "
+            + ("{failed_auths} in a row)" if counted else "a token of this gateway's: not counted toward the lockout)"),
             peer=connection.peer,
             reason=reason,
             cmd=summarise(cmd),
