@@ -1284,6 +1284,10 @@ class StoreDownReasons(ClusterCase):
         yield sleep(1.5)
         error = yield self.error_becomes(on_a, token, "NOAUTH", seconds=0)
         self.assertIn("NOAUTH Authentication required", error)
+        # The subscription's refusal too says to put the password in
+        # REDIS_URL, not to grant an ACL (cluster trial s43).
+        yield printed(a, b"refused the subscription to the cluster's channel")
+        self.assertNotIn(b"SUBSCRIBE command", a.stdout)
         self.redis.stop()
         error = yield self.error_becomes(on_a, token, "Connection refused")
         self.assertTrue(error.startswith("could not connect: "), error)

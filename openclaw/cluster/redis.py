@@ -902,9 +902,14 @@ class RedisStore:
                 reason = f"Redis refused the subscription to the cluster's channel: {refusal}"
                 if factory in self._factories:
                     self._connection_failure = reason
+                # A password asked or refused (set on Redis meanwhile) is
+                # said as the handshake's is (cluster trial s43: told to
+                # grant an ACL for a NOAUTH).
+                hint = next((hint for start, hint in _REFUSAL_HINTS if refusal.startswith(start)), None)
                 self._say_once(
                     f"Redis refused the subscription to the cluster's channel {self.channel!r}: {refusal}",
-                    "grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel "
+                    hint
+                    or "grant the Redis ACL user of REDIS_URL the SUBSCRIBE command and that channel "
                     f"(ACL SETUSER <user> +subscribe &{self.channel})",
                     factory,
                 )
