@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 RUN_STAMP := $(VENV)/.installed-run
 SOURCES := setup.cfg pyproject.toml constraints.txt $(shell find openclaw twisted -name '*.py' 2>/dev/null)
 
-.PHONY: run test lint trial bench bench-data clean upgrade redis-server postgres pgbouncer faketime
+.PHONY: run test lint trial bench bench-data clean upgrade redis-server postgres pgbouncer faketime logrotate
 
 run: $(RUN_STAMP)
 	$(BIN)/twistd -n --pidfile= openclaw $(ARGS)
@@ -24,7 +24,7 @@ run: $(RUN_STAMP)
 # tests mostly wait on processes and timers, so two workers halve the time
 # on two cores.  TEST_JOBS=1 runs them in one process.
 TEST_JOBS ?= 2
-test: $(STAMP) lint redis-server postgres pgbouncer faketime
+test: $(STAMP) lint redis-server postgres pgbouncer faketime logrotate
 	$(BIN)/python -m pytest -n $(TEST_JOBS) $(PYTEST_ARGS)
 
 # Format, lint and strict types (configured in pyproject.toml), before the tests.
@@ -54,6 +54,18 @@ faketime:
 	    echo "faketime is not installed ('sudo apt-get install -y faketime'): the clock-skew cluster test will be skipped"; \
 	  fi; }
 
+# One daemon test rotates the log with logrotate's own copytruncate and
+# create, then SIGUSR1: installed when missing and we can; without it that
+# test is skipped.
+logrotate:
+	@command -v logrotate >/dev/null || test -x /usr/sbin/logrotate || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq logrotate >/dev/null 2>&1; } || \
+	      echo "could not install logrotate: the log rotation test will be skipped"; \
+	  else \
+	    echo "logrotate is not installed ('sudo apt-get install -y logrotate'): the log rotation test will be skipped"; \
+	  fi; }
+
 # The consumer tests (#19) start their own postgres (initdb in a temporary
 # directory, a free port; as the postgres user when run as root).
 postgres:
@@ -77,7 +89,7 @@ pgbouncer:
 
 # The same suite under trial (Twisted's own runner), after setting up the
 # servers `make test` sets up.
-trial: $(STAMP) redis-server postgres pgbouncer faketime
+trial: $(STAMP) redis-server postgres pgbouncer faketime logrotate
 	$(BIN)/python -m twisted.trial -j $(TEST_JOBS) tests
 
 bench: $(STAMP)
