@@ -39,7 +39,7 @@ from openclaw.cluster.clock import ClusterClock
 from openclaw.cluster.lockout import SharedLockout
 from openclaw.cluster.membership import Membership
 from openclaw.cluster.node import ClusterNode
-from openclaw.cluster.redis import RedisStore, redis_database
+from openclaw.cluster.redis import REDIS_REFUSED, RedisStore, redis_database
 from openclaw.cluster.scrape import (
     OwnMetrics,
     PrivateSocketEndpoint,
@@ -1245,11 +1245,20 @@ class GatewayService(SequentialMultiService):
                 left=left,
             )
             return
+        down = None if self.cluster is None else self.cluster.down_reason
+        # Redis answers and refuses (a database it does not have, a wrong
+        # password): not a Redis to start (review of the wait's line: it
+        # said so under the refusal's own advice).
+        refused = down is not None and down.startswith(REDIS_REFUSED)
         self._log.warn(
-            "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); "
-            "check that Redis is running and REDIS_URL is right",
+            "not listening yet: waiting for the cluster store at {where} ({seconds:.0f} s so far); {hint}",
             where=masked_url(self.settings.redis_url or ""),
             seconds=self._reactor.seconds() - self._joined_at,
+            hint=(
+                "Redis answers but refuses this instance: do what its refusal, logged above, says"
+                if refused
+                else "check that Redis is running and REDIS_URL is right"
+            ),
         )
 
     def setServiceParent(self, parent: Any) -> None:

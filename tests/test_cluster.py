@@ -836,12 +836,17 @@ class StoreTroubleTests(ClusterCase):
             {**self.env(), "REDIS_URL": self.redis.url.rsplit("/", 1)[0] + "/99"},
         )
         yield printed(process, b"ERR DB index is out of range")
-        # Said once, however often it tries again.
-        yield sleep(3)
+        # Said once, however often it tries again; the wait's line points
+        # at it, where it said to check that Redis was running.
+        yield printed(process, b"not listening yet: waiting for the cluster store", seconds=10)
         self.assertFalse(process.token.called)
         self.assertEqual(process.stdout.count(b"ERR DB index is out of range"), 1, process.stdout[-3000:])
         self.assertIn(b"REDIS_URL names a database this Redis does not have", process.stdout)
         self.assertNotIn(b"Redis error", process.stdout)
+        self.assertIn(
+            b"Redis answers but refuses this instance: do what its refusal, logged above, says", process.stdout
+        )
+        self.assertNotIn(b"check that Redis is running", process.stdout)
 
     @inlineCallbacks
     def test_subscription_never_confirmed(self):

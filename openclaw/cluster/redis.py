@@ -605,6 +605,12 @@ _CLIENT_CERTIFICATE_HINT = (
     "(or optional) in its redis.conf, and keep it on a private network with a password"
 )
 
+#: How the reason the store is down (L{ClusterNode.down_reason}) starts
+#: when Redis answered and refused this instance (its handshake, or the
+#: subscription): a setting to change, logged with what to do, which
+#: retrying will not mend.
+REDIS_REFUSED = "Redis refused"
+
 #: What to do about a server that gives no Redis answer.
 _NOT_REDIS_HINT = (
     "check that REDIS_URL's host and port are Redis's, and its scheme: rediss:// for a Redis that takes TLS, "
@@ -794,7 +800,7 @@ class RedisStore:
         """
         if factory in self._factories:
             self._connection_failure = (
-                f"Redis refused the connection: {refusal}"
+                f"{REDIS_REFUSED} the connection: {refusal}"
                 if refusal
                 else "Redis did not answer the connection's set-up"
             )
@@ -818,7 +824,7 @@ class RedisStore:
                 factory,
             )
         self.rebuild(
-            f"Redis refused the connection: {refusal}" if refusal else "Redis did not answer the connection's set-up",
+            f"{REDIS_REFUSED} the connection: {refusal}" if refusal else "Redis did not answer the connection's set-up",
             factory,
         )
 
@@ -899,7 +905,7 @@ class RedisStore:
                 # Redis answered, and said no (an ACL without SUBSCRIBE or
                 # without the channel): the node's reason while down.
                 refusal = failure.getErrorMessage()
-                reason = f"Redis refused the subscription to the cluster's channel: {refusal}"
+                reason = f"{REDIS_REFUSED} the subscription to the cluster's channel: {refusal}"
                 if factory in self._factories:
                     self._connection_failure = reason
                 # A password asked or refused (set on Redis meanwhile) is
