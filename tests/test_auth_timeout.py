@@ -16,14 +16,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import jwt
 from twisted.internet import reactor, task
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.endpoints import TCP4ServerEndpoint, UNIXServerEndpoint
+from twisted.logger import formatEvent
 from twisted.trial.unittest import TestCase
 
 from openclaw.service import GatewayService
 from openclaw.settings import Settings
-from tests.support import RecordingEndpoint, capture_log_events, open_client, start_gateway
+from tests.support import SECRET, RecordingEndpoint, capture_log_events, open_client, start_gateway
 
 LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
 
@@ -135,3 +137,53 @@ class AuthTimeoutLockoutTests(TestCase):
         operator = yield open_client(self, 0, unix=str(path))
         answer = yield operator.command(token, "ping")
         self.assertEqual(answer["ok"], True, answer)
+
+
+class StaleTokenDeadlineTests(TestCase):
+    """
+    A connection whose last token was one the gateway signed, expired or
+    replaced (a dashboard kept open across a rotation), is closed at
+    AUTH_TIMEOUT_SECONDS saying so, and that close is no failed
+    authentication: its reconnections never lock its address out, where
+    each close counted (recheck s44: two dashboards pinging with the
+    replaced token every 2 s locked every operator of their address out
+    within a minute).  A guess after it counts as any guess.
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_stale_token_closes_are_not_counted(self):
+        events = capture_log_events(self)
+        gateway = start_gateway(self, auth_timeout_seconds=0.5, auth_lockout_failures=3, trusted_clients=LOOPBACK)
+        current = gateway.service.sessions.current
+        claims = {"iss": "openclaw-gateway", "jti": "older", "iat": current.issued_at - 5, "exp": current.expires_at}
+        older = jwt.encode(claims, SECRET, algorithm="HS256")
+        expired = jwt.encode({**claims, "jti": "expired", "exp": int(time.time()) - 60}, SECRET, algorithm="HS256")
+        for token, refusal in [(older, "token revoked"), (expired, "token expired")] * 3:
+            dashboard = yield open_client(self, gateway.port, bind="127.0.0.2")
+            answer = yield dashboard.ask(token, "ping")
+            self.assertEqual(answer["error"], refusal)
+            code, reason = yield dashboard.closed
+            self.assertEqual(
+                (code, reason),
+                (1008, f"{refusal}: reconnect with the current token (TOKEN_FILE, or the gateway's banner)"),
+            )
+        operator = yield open_client(self, gateway.port, bind="127.0.0.2")
+        answer = yield operator.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        closes = [e for e in events if e.get("reason") == "auth_timeout"]
+        self.assertEqual(len(closes), 6)
+        self.assertIn("not counted toward the lockout", formatEvent(closes[0]))
+        # A forged token after the stale one: a guess, counted as any.
+        guesser = yield open_client(self, gateway.port, bind="127.0.0.3")
+        yield guesser.ask(older, "ping")
+        for _ in range(3):
+            answer = yield guesser.ask("forged", "ping")
+            self.assertEqual(answer["error"], "invalid token")
+        code, reason = yield guesser.closed
+        self.assertEqual(code, 1008)
+        self.assertNotIn("token revoked", reason)
+        with self.assertRaises(ConnectionError) as refused:
+            yield open_client(self, gateway.port, bind="127.0.0.3")
+        self.assertIn("429", str(refused.exception))

@@ -201,11 +201,26 @@ class CommandTests(TestCase):
         answer = yield client.ask(gateway.token, "ping")
         self.assertTrue(answer["ok"], answer)
         stale = yield open_client(self, gateway.port)
-        for _ in range(6):
-            answer = yield stale.ask(older, "ping")
-            self.assertEqual(answer["error"], "token revoked")
-        self.assertFalse(stale.closed.called)
+        answer = yield stale.ask(older, "ping")
+        self.assertEqual(answer["error"], "token revoked")
         answer = yield stale.ask(gateway.token, "ping")
+        self.assertTrue(answer["ok"], answer)
+        # MAX_AUTH_FAILURES of them in a row close the connection, saying
+        # what to do (no unbounded run of refusals for a token from an old
+        # log), and still lock nobody out: three such connections, then
+        # the current token from the same address.
+        for _ in range(3):
+            stale = yield open_client(self, gateway.port)
+            for _ in range(2):
+                answer = yield stale.ask(older, "ping")
+                self.assertEqual(answer["error"], "token revoked")
+            code, reason = yield stale.closed
+            self.assertEqual(
+                (code, reason),
+                (1008, "token revoked: reconnect with the current token (TOKEN_FILE, or the gateway's banner)"),
+            )
+        fresh = yield open_client(self, gateway.port)
+        answer = yield fresh.ask(gateway.token, "ping")
         self.assertTrue(answer["ok"], answer)
         guesser = yield open_client(self, gateway.port)
         forged = jwt.encode({**claims, "jti": "forged"}, "not-the-secret" * 3, algorithm="HS256")
@@ -219,7 +234,7 @@ class CommandTests(TestCase):
             metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token not known here yet"}), 6
         )
         self.assertEqual(
-            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token revoked"}), 6
+            metrics.get_sample_value("openclaw_control_auth_failures_total", {"reason": "token revoked"}), 7
         )
 
     @inlineCallbacks

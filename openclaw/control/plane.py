@@ -93,6 +93,20 @@ class Connection:
     #: messages are then an operator's mistakes, answered but not counted
     #: as failed authentications (nor towards its address's lockout).
     authenticated: bool = False
+    #: What its close at AUTH_TIMEOUT_SECONDS says (L{_refusal_close_reason})
+    #: when the last token it sent was one the gateway signed (L{GENUINE_REFUSALS
+    #: <openclaw.session.GENUINE_REFUSALS>}: expired, replaced, not known
+    #: here yet) and no guess came since: that close is then no failed
+    #: authentication either (a dashboard kept open with the token a renewal replaced was
+    #: closed at each deadline, and each close locked its address out a
+    #: step further).  None otherwise.
+    genuine_refusal: str | None = None
+    #: Tokens of the gateway's own, expired or replaced, it sent in a row:
+    #: no failed authentications, but past MAX_AUTH_FAILURES it is closed
+    #: all the same (L{ControlPlane.too_many_stale}), not counted toward
+    #: the lockout, so that such a token (one from an old log or backup)
+    #: does not buy an unbounded run of refusals, each a log line.
+    stale_refusals: int = 0
 
 
 # orjson rather than the standard library's json: parsing and encoding are
@@ -156,6 +170,18 @@ def _cut_text(text: str, room: int) -> str:
     if len(data) <= room:
         return text
     return data[:room].decode(errors="ignore") + "...(cut)"
+
+
+def _refusal_close_reason(rejected: TokenRejected) -> str:
+    """
+    What a connection whose last token was refused for a genuine reason
+    (L{GENUINE_REFUSALS}) is told as it is closed at AUTH_TIMEOUT_SECONDS:
+    the refusal, and what to do (for C{token not known here yet}, its own
+    hint).  At most 123 bytes (RFC 6455 section 5.5).
+    """
+    if rejected.reason == NOT_KNOWN_YET:
+        return str(rejected)
+    return f"{rejected.reason}: reconnect with the current token (TOKEN_FILE, or the gateway's banner)"
 
 
 class ControlPlane:
@@ -240,7 +266,10 @@ class ControlPlane:
         try:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
+            genuine = rejected.reason in GENUINE_REFUSALS
+            connection.genuine_refusal = _refusal_close_reason(rejected) if genuine else None
             if rejected.reason == NOT_KNOWN_YET:
+                connection.stale_refusals = 0
                 # The cluster's newest token, not applied here yet: the
                 # client did right, nothing toward its lockout.
                 self._metrics.auth_failed(rejected.reason)
@@ -251,10 +280,11 @@ class ControlPlane:
                     cmd=summarise(cmd),
                 )
             else:
-                self._auth_failed(connection, rejected.reason, cmd, counted=rejected.reason not in GENUINE_REFUSALS)
+                connection.stale_refusals = connection.stale_refusals + 1 if genuine else 0
+                self._auth_failed(connection, rejected.reason, cmd, counted=not genuine)
             return self._refuse(cmd, str(rejected))
-        if connection.failed_auths:
-            connection.failed_auths = 0
+        if connection.failed_auths or connection.stale_refusals:
+            connection.failed_auths = connection.stale_refusals = 0
         connection.authenticated = True
         if type(cmd) is not str:
             return self._refuse(None, f"cmd must be a string: one of {self._names}")
@@ -324,6 +354,7 @@ class ControlPlane:
         """
         if counted:
             connection.failed_auths += 1
+            connection.genuine_refusal = None
         # Counted first, and logged with a summary that cannot raise:
         # whatever the peer sent, the failure is accounted for.
         self._metrics.auth_failed(reason)
@@ -380,6 +411,15 @@ class ControlPlane:
         and must be closed: guessing tokens is not free.
         """
         return connection.failed_auths >= self.max_auth_failures
+
+    def too_many_stale(self, connection: Connection) -> bool:
+        """
+        Whether a connection has sent tokens of the gateway's own, expired
+        or replaced, MAX_AUTH_FAILURES times in a row and must be closed
+        (saying to reconnect with the current token), not counted toward
+        the lockout: no guess, but no client to serve either.
+        """
+        return connection.stale_refusals >= self.max_auth_failures
 
     def _succeeded(self, result: Result | Audited, cmd: str) -> _Answered:
         fields = None

@@ -462,6 +462,18 @@ class ControlProtocol(WebSocketServerProtocol):
                 **fields,
             )
             self.close_unheard(POLICY_VIOLATION, "too many failed authentications")
+        elif connection.stale_refusals and controlplane.too_many_stale(connection):
+            who, fields = from_peer(connection.proxy)
+            self.factory.events.warn(
+                "closing control connection " + who + ": {refusals} tokens of this gateway's, expired or replaced, "
+                "in a row: not counted toward the lockout (reason={reason})",
+                peer=connection.peer,
+                refusals=connection.stale_refusals,
+                outcome="closed",
+                reason="stale_token",
+                **fields,
+            )
+            self.close_unheard(POLICY_VIOLATION, connection.genuine_refusal or "token revoked")
 
     def _refused_before_auth(self, reason: ControlRefusal, code: int, said: str) -> None:
         """
@@ -499,16 +511,24 @@ class ControlProtocol(WebSocketServerProtocol):
         if factory.metrics is not None:
             factory.metrics.refused_connection("auth_timeout")
         connection = self.connection
+        # Its last token one the gateway signed, expired or replaced: a
+        # client left behind by a rotation, no guesser (plane.Connection).
+        genuine = connection.genuine_refusal if connection is not None else None
         who, fields = from_peer(connection.proxy if connection is not None else None)
         factory.events.warn(
             "closing control connection " + who + ": no authenticated message within AUTH_TIMEOUT_SECONDS "
-            "({seconds:g} s) (reason={reason})",
+            "({seconds:g} s)"
+            + (", its last token a token of this gateway's: not counted toward the lockout" if genuine else "")
+            + " (reason={reason})",
             peer=connection.peer if connection is not None else "?",
             seconds=factory.auth_timeout,
             outcome="closed",
             reason="auth_timeout",
             **fields,
         )
+        if genuine is not None:
+            self.close_with(POLICY_VIOLATION, genuine)
+            return
         self.close_with(POLICY_VIOLATION, "no authenticated message within AUTH_TIMEOUT_SECONDS")
         # A failed authentication too, for the lockout: otherwise a client
         # that never sends could reconnect at every deadline for ever.
