@@ -633,6 +633,17 @@ class KeyRestTests(ProviderTestCase):
         gemini.rest(key, 5.0)
         self.assertFalse(gemini.usable(key, "gemini-2.0-flash"))
         self.assertEqual(told[-1], ("gemini", fingerprint(key), 5.0, None))
+        # One key resting whole (a models listing's 429), the other for
+        # one model: the other models still have a key, and the message
+        # names the model resting (review s44: said as if every model were).
+        two = KeyPool(("key-a", "key-b"), clock.seconds, "gemini", True)
+        two.rest("key-a", 60.0)
+        two.rest("key-b", 30.0, "gemini-2.5-pro")
+        self.assertIsNone(two.pick((), "gemini-2.5-pro"))
+        self.assertEqual(two.pick((), "gemini-2.5-flash"), "key-b")
+        self.assertEqual(two.resting_model("gemini-2.5-pro"), "gemini-2.5-pro")
+        two.rest("key-b", 60.0)
+        self.assertIsNone(two.resting_model("gemini-2.5-pro"))
         # Kimi: the whole key, told without a model.
         kimi = KeyPool((KIMI_KEY,), clock.seconds, "kimi", on_rest=lambda *rest: told.append(rest))
         kimi.rest(KIMI_KEY, 5.0, "kimi-k2.5")

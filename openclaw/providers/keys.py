@@ -247,14 +247,16 @@ class KeyPool:
 
     def resting_model(self, model: str | None) -> str | None:
         """
-        C{model} when it is its own rests alone that keep every key from
-        its calls (L{rests_by_model}, no key resting whole): the
-        provider's other models may take calls, and a client's or an
-        operator's message says which model rests.  None otherwise.
+        C{model} when a key rests for it (L{rests_by_model}) while another
+        key, or that one, could take the provider's other models (not set
+        aside, not resting whole): those may take calls, and a client's or
+        an operator's message says which model rests.  None otherwise.
         """
-        if model is None or not self.rests_by_model or self.back_in() is not None:
+        if model is None or not self.rests_by_model:
             return None
-        return model if self.back_in(model) is not None else None
+        now = self.clock()
+        free = any(key not in self._set_aside and self._resting.get(key, 0.0) <= now for key in self.keys)
+        return model if free and self.back_in(model) is not None else None
 
     def back_in(self, model: str | None = None) -> float | None:
         """
