@@ -14,6 +14,7 @@ import copy
 from typing import Any
 
 import openai
+import pydantic
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
@@ -44,6 +45,21 @@ DRAFT_7: dict[str, Any] = {
     },
     "definitions": {"Old": {"type": "object", "properties": {"next": {"$ref": "#/definitions/Old"}}}},
 }
+
+
+class Place(pydantic.BaseModel):
+    city: str | None
+
+
+class Node(pydantic.BaseModel):
+    """
+    A recursive model: its schema is a C{$ref} beside C{$defs}.
+    """
+
+    name: str
+    children: list[Node] = []
+    pair: tuple[str, int]
+    where: Place = pydantic.Field(description="where it is")
 
 
 class MoonshotSchemaTests(SynchronousTestCase):
@@ -77,6 +93,78 @@ class MoonshotSchemaTests(SynchronousTestCase):
         plain = {"type": "object", "properties": {"q": {"type": "string"}, "n": {"anyOf": [{"type": "integer"}]}}}
         self.assertIs(moonshot_parameters(plain), plain)
         self.assertIs(moonshot_schema(True), True)
+
+    def test_reference_with_siblings(self) -> None:
+        """
+        A C{$ref} with keywords beside it goes into an C{allOf} of one, its
+        siblings kept (Moonshot refuses a type beside a reference); one
+        with its C{description} alone, which Moonshot takes, is left.  A
+        recursive Pydantic model's root (its C{$ref} beside C{$defs}, and
+        the object type the root needs) the same way.
+        """
+        described = {"$ref": "#/$defs/A", "description": "home"}
+        typed = {"$ref": "#/$defs/A", "type": "string", "minLength": 1, "allOf": [{"maxLength": 9}]}
+        parameters = {"type": "object", "properties": {"a": described, "b": typed}, "$defs": {"A": {"type": "string"}}}
+        sent = moonshot_parameters(parameters)
+        self.assertIs(sent["properties"]["a"], described)
+        self.assertEqual(
+            sent["properties"]["b"],
+            {"type": "string", "minLength": 1, "allOf": [{"maxLength": 9}, {"$ref": "#/$defs/A"}]},
+        )
+        node = {"type": "object", "properties": {"next": {"anyOf": [{"$ref": "#/$defs/Node"}, {"type": "null"}]}}}
+        recursive = {"$defs": {"Node": node}, "$ref": "#/$defs/Node"}
+        self.assertEqual(
+            moonshot_parameters(recursive),
+            {"type": "object", "$defs": {"Node": node}, "allOf": [{"$ref": "#/$defs/Node"}]},
+        )
+        old = {"definitions": {"Node": {"type": "object"}}, "$ref": "#/definitions/Node"}
+        self.assertEqual(
+            moonshot_parameters(old),
+            {"type": "object", "$defs": {"Node": {"type": "object"}}, "allOf": [{"$ref": "#/$defs/Node"}]},
+        )
+
+    def test_anyof_types(self) -> None:
+        """
+        A list of types beside C{anyOf} goes into its branches as a string
+        does; a C{true} branch admits what the type admits.
+        """
+        nullable = {"type": ["string", "null"], "anyOf": [{"minLength": 1}, True]}
+        sent = moonshot_parameters({"type": "object", "properties": {"v": nullable}})
+        self.assertEqual(
+            sent["properties"]["v"],
+            {"anyOf": [{"type": ["string", "null"], "minLength": 1}, {"type": ["string", "null"]}]},
+        )
+
+    def test_definitions_beside_defs(self) -> None:
+        """
+        C{definitions} beside C{$defs} join them when no name is in both
+        (their references with them); else both are left for Moonshot.
+        Data (a C{default}, an C{enum}) is never rewritten, and the
+        keywords of older drafts (C{additionalItems}, C{dependencies})
+        are walked.
+        """
+        both = {
+            "type": "object",
+            "properties": {
+                "a": {"$ref": "#/definitions/A", "default": {"$ref": "#/definitions/A"}},
+                "b": {"$ref": "#/$defs/B"},
+                "t": {"type": "array", "items": [{"type": "string"}], "additionalItems": {"type": "x", "anyOf": [{}]}},
+            },
+            "dependencies": {"a": {"properties": {"c": {"type": "string", "anyOf": [{}]}}}, "b": ["a"]},
+            "definitions": {"A": {"type": "string"}},
+            "$defs": {"B": {"type": "integer"}},
+        }
+        sent = moonshot_parameters(both)
+        self.assertNotIn("definitions", sent)
+        self.assertEqual(sent["$defs"], {"A": {"type": "string"}, "B": {"type": "integer"}})
+        self.assertEqual(
+            sent["properties"]["a"], {"default": {"$ref": "#/definitions/A"}, "allOf": [{"$ref": "#/$defs/A"}]}
+        )
+        self.assertEqual(sent["properties"]["t"]["additionalItems"], {"anyOf": [{"type": "x"}]})
+        self.assertEqual(sent["dependencies"]["a"]["properties"]["c"], {"anyOf": [{"type": "string"}]})
+        self.assertEqual(sent["dependencies"]["b"], ["a"])
+        clash = {**both, "definitions": {"B": {"type": "string"}}}
+        self.assertEqual(moonshot_parameters(clash)["definitions"], {"B": {"type": "string"}})
 
     def test_root(self) -> None:
         # No type: an object (a call's arguments always are).
@@ -123,6 +211,30 @@ class KimiToolSchemaTests(DataPlaneTestCase):
             client.chat.completions.create, model=GEMINI, messages=QUESTION, tools=self.tools(PARAMETERS)
         )
         self.assertIsNotNone(answer.choices[0].message)
+
+    @inlineCallbacks
+    def test_pydantic_schemas(self) -> Any:
+        """
+        Pydantic's own schemas go through to Kimi and its calls' arguments
+        validate against the model: a recursive model as the whole
+        parameters (a C{$ref} beside C{$defs}, which took a C{type} beside
+        it, refused by Moonshot), a tuple, a nested model with a
+        description; a tool whose C{parameters} is null is sent without
+        them (Moonshot refused a null).
+        """
+        client = self.sdk(self.gateway())
+        answer = yield deferToThread(
+            client.chat.completions.create,
+            model=KIMI,
+            messages=QUESTION,
+            tools=self.tools(Node.model_json_schema()),
+            tool_choice="required",
+        )
+        (call,) = answer.choices[0].message.tool_calls
+        Node.model_validate_json(call.function.arguments)
+        bare = [{"type": "function", "function": {"name": "now", "parameters": None}}]
+        answer = yield deferToThread(client.chat.completions.create, model=KIMI, messages=QUESTION, tools=bare)
+        self.assertEqual(self.upstream.kimi.last_body["tools"], [{"type": "function", "function": {"name": "now"}}])
 
     @inlineCallbacks
     def test_refusal_says_what_to_do(self) -> Any:

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from functools import partial
 from types import MappingProxyType
 from typing import Any, ClassVar
 
 import attrs
+import orjson
 
 from openclaw.consumers.estimate import token_count
 from openclaw.consumers.prices import Price
 from openclaw.dataplane.errors import CONTEXT_LENGTH_EXCEEDED, APIError, bad_request
 from openclaw.dataplane.request import DATA_URL, checked_data_url, not_data_url
 from openclaw.providers.errors import Refusal, RefusalKind
+from openclaw.providers.jsonschema import NodeRewrite, rewrite, rewrite_subschemas
 from openclaw.providers.openai_compatible import OpenAICompatibleAdapter, ReasoningKeptWire
 from openclaw.providers.wire import SHOWN_TYPE_CHARS, ImageTypes, Wire
 from openclaw.shorten import shortened
@@ -323,119 +326,135 @@ MOONSHOT_TOOL_SCHEMA = re.compile(r"moonshot flavored json schema|tools\.functio
 #: Moonshot refusing: MoonshotAI/kimi-cli #2531, #2061; vercel/ai #18921).
 TOOL_SCHEMA_ADVICE = (
     "Moonshot checks a tool's parameters against its own subset of JSON Schema: give every property a type, "
-    'make the parameters an object ("type": "object"), keep a $ref local (#/$defs/...) with no keyword beside it, '
+    'make the parameters an object ("type": "object"), keep a $ref local (#/$defs/...), '
     "and use no boolean schema (true/false); at the root, no anyOf (Moonshot refuses a type beside it, and some "
     "of its models a root without one): give the alternatives as properties, or as tools of their own.  The "
-    "gateway already moves a type given beside a nested anyOf into its branches and an items list into "
-    "prefixItems.  A schema Gemini took may be refused here"
+    "gateway already moves a type given beside a nested anyOf into its branches, a $ref's siblings beside an "
+    "allOf of it, an items list into prefixItems and definitions into $defs, and gives a root without a type "
+    '"object".  A schema Gemini took may be refused here'
 )
-#: The keywords of a schema whose values are schemas, by how they hold
-#: them (JSON Schema 2020-12, section 10; C{definitions}, the older
-#: C{$defs}): a list of them, a map of names to them, or one.
-_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_ONES = ("items", "additionalProperties", "propertyNames", "contains", "not", "if", "then", "else")
+#: How a draft 7 reference to one of the root's C{definitions} begins,
+#: and the same under 2020-12's C{$defs}, the only one Moonshot takes.
+_DEFINITIONS_REF = "#/definitions/"
+_DEFS_REF = "#/$defs/"
+#: What may stand beside a C{$ref} as it is: Moonshot takes a
+#: C{description} there (lidge-jun/opencodex #2677: seven such nodes of
+#: one schema went through), and refuses a C{type} ("when using $ref,
+#: type should be defined in the referenced schema instead of the parent
+#: schema", the same report).
+_BESIDE_REF = frozenset({"$ref", "description"})
+#: What may tell a schema's parameters need no rewriting: none of these in
+#: their JSON (orjson writes no spaces), only the root's type to check.
+_REWRITTEN = (b'"anyOf"', b'"items":[', b'"definitions"', b'"$ref"')
 
 
-def moonshot_schema(schema: Any, root: bool = False) -> Any:
+def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> dict[str, Any]:
     """
-    A tool's C{parameters} (JSON Schema) as Moonshot's validator takes
-    them, the same meaning: a C{type} beside C{anyOf} moved into each
-    branch that has none (Moonshot: "when using anyOf, type should be
-    defined in anyOf items instead of the parent schema"; a branch that
-    is a C{$ref} is left alone, its type is its target's), and a list of
-    C{items} (a tuple, draft 4-2019) written as C{prefixItems} (2020-12;
-    Moonshot: "items must be an object"), as vercel/ai #18921 checked
-    against Moonshot's live validator.  Not at the C{root} of a tool's
-    parameters, which some of Moonshot's models refuse without C{"type":
-    "object"} (MiqroForge-Desktop #1165, against its API; wecode-ai/Wegent
-    #2445): such a root is left for Moonshot to judge, its refusal says
-    what to do (L{TOOL_SCHEMA_ADVICE}).  C{schema} itself when nothing is
-    to change (no copy), else a changed copy; the caller's is never
-    changed.  Anything else is left for Moonshot to judge
-    (L{TOOL_SCHEMA_ADVICE} says what it refuses).
+    One schema node (not a tool's root) as Moonshot's validator takes it,
+    the same meaning (L{moonshot_schema}); C{rename_definitions}: its
+    C{$ref} to the root's C{definitions} names the same schema under
+    C{$defs}.
     """
-    if not isinstance(schema, dict):
-        return schema
     changed: dict[str, Any] = {}
     dropped: set[str] = set()
-    for key in _SCHEMA_LISTS:
-        value = schema.get(key)
-        if isinstance(value, list):
-            kept = [moonshot_schema(item) for item in value]
-            if any(new is not old for new, old in zip(kept, value, strict=True)):
-                changed[key] = kept
-    for key in _SCHEMA_MAPS:
-        value = schema.get(key)
-        if isinstance(value, dict):
-            kept_map = {name: moonshot_schema(item) for name, item in value.items()}
-            if any(kept_map[name] is not item for name, item in value.items()):
-                changed[key] = kept_map
-    for key in _SCHEMA_ONES:
-        value = schema.get(key)
-        if isinstance(value, dict):
-            new = moonshot_schema(value)
-            if new is not value:
-                changed[key] = new
-    items = schema.get("items")
+    reference = node.get("$ref")
+    if isinstance(reference, str):
+        if rename_definitions and reference.startswith(_DEFINITIONS_REF):
+            reference = changed["$ref"] = _DEFS_REF + reference[len(_DEFINITIONS_REF) :]
+        if not node.keys() <= _BESIDE_REF:
+            # Its siblings stay, the reference goes into an allOf of one:
+            # the same constraint (2020-12 section 10.2.1.1), and the
+            # draft 7 idiom for it (farion1231/cc-switch #6863, checked
+            # against Moonshot's API).
+            before = node.get("allOf")
+            changed["allOf"] = [*(before if isinstance(before, list) else ()), {"$ref": reference}]
+            dropped.add("$ref")
+    items = node.get("items")
     if isinstance(items, list):
-        before = changed.get("prefixItems", schema.get("prefixItems"))
-        changed["prefixItems"] = [*(before if isinstance(before, list) else ()), *map(moonshot_schema, items)]
+        # Draft 4-2019's tuple, as 2020-12 writes it (Moonshot: "items
+        # must be an object"; vercel/ai #18921).  An additionalItems
+        # beside it is left as written.
+        before = node.get("prefixItems")
+        changed["prefixItems"] = [*(before if isinstance(before, list) else ()), *items]
         dropped.add("items")
-    kind, branches = schema.get("type"), changed.get("anyOf", schema.get("anyOf"))
-    if isinstance(kind, str) and isinstance(branches, list) and not root:
+    kind, branches = node.get("type"), node.get("anyOf")
+    if isinstance(kind, (str, list)) and isinstance(branches, list):
+        # Moonshot: "when using anyOf, type should be defined in anyOf
+        # items instead of the parent schema" (MoonshotAI/kimi-cli #2531).
+        # A $ref branch keeps its target's type; true admits what the
+        # type admits.
         changed["anyOf"] = [
-            {"type": kind, **branch}
+            {"type": kind}
+            if branch is True
+            else {"type": kind, **branch}
             if isinstance(branch, dict) and "type" not in branch and "$ref" not in branch
             else branch
             for branch in branches
         ]
         dropped.add("type")
     if not changed:
-        return schema
-    return {key: value for key, value in {**schema, **changed}.items() if key not in dropped}
+        return node
+    return {key: value for key, value in {**node, **changed}.items() if key not in dropped}
 
 
-#: How a draft 7 reference to one of the root's C{definitions} begins.
-_DEFINITIONS_REF = "#/definitions/"
-
-
-def _refs_to_defs(value: Any) -> Any:
+def moonshot_schema(schema: Any) -> Any:
     """
-    C{value} (a schema, or a part of one) with each C{$ref} to the root's
-    C{definitions} naming the same schema under C{$defs}; a copy.
+    A schema (below a tool's root) as Moonshot's validator takes it, the
+    same meaning: a C{type} beside C{anyOf} moved into each branch that
+    has none (a branch that is a C{$ref} is left alone, its type is its
+    target's); a list of C{items} (a tuple, draft 4-2019) written as
+    C{prefixItems} (2020-12); a C{$ref} with keywords beside it but its
+    C{description} moved into an C{allOf} of one, its siblings kept
+    beside it.  C{schema} itself when nothing is to change (no copy),
+    else a changed copy; the caller's is never changed.  Anything else
+    is left for Moonshot to judge (L{TOOL_SCHEMA_ADVICE} says what it
+    refuses).
     """
-    if isinstance(value, list):
-        return [_refs_to_defs(item) for item in value]
-    if not isinstance(value, dict):
-        return value
-    moved = {key: _refs_to_defs(item) for key, item in value.items()}
-    ref = moved.get("$ref")
-    if isinstance(ref, str) and ref.startswith(_DEFINITIONS_REF):
-        moved["$ref"] = "#/$defs/" + ref[len(_DEFINITIONS_REF) :]
-    return moved
+    return rewrite(schema, _moonshot_node)
 
 
 def moonshot_parameters(parameters: Any) -> Any:
     """
     A function tool's C{parameters} as Moonshot's validator takes them:
-    L{moonshot_schema}, and C{"type": "object"} when the root names no
-    type (C{{}}, or properties alone): a call's arguments are always an
-    object (OpenAI's function calling), and Moonshot refuses a root
-    without it ("tools.function.parameters.type is required and must be
-    \"object\""); the root's C{definitions} (draft 7) as C{$defs}, their
-    references with them.
+    L{moonshot_schema} below the root; at the root, C{"type": "object"}
+    when it names no type (C{{}}, or properties alone: a call's arguments
+    are always an object, OpenAI's function calling, and Moonshot refuses
+    a root without it, "tools.function.parameters.type is required and
+    must be \"object\""), its C{definitions} (draft 7) as C{$defs}, their
+    references with them (Moonshot's references must start with
+    C{#/$defs/}: CommandCodeAI/command-code #594; merged into C{$defs}
+    when both are there and no name is in both), and a C{$ref} (a
+    recursive Pydantic model's) in an C{allOf} of one.  A root C{anyOf}
+    is left for Moonshot to judge (some of its models refuse a root
+    without C{"type": "object"}, MiqroForge-Desktop #1165, and it refuses
+    one beside C{anyOf}): its refusal says what to do.
     """
-    reshaped = moonshot_schema(parameters, root=True)
-    if isinstance(reshaped, dict) and isinstance(reshaped.get("definitions"), dict) and "$defs" not in reshaped:
-        # Draft 7's definitions, which Moonshot's references may not name
-        # ("references must start with #/$defs": CommandCodeAI/command-code
-        # #594): the same schemas under 2020-12's $defs.
-        rest = {key: value for key, value in reshaped.items() if key != "definitions"}
-        reshaped = {**_refs_to_defs(rest), "$defs": _refs_to_defs(reshaped["definitions"])}
-    if isinstance(reshaped, dict) and "type" not in reshaped and "anyOf" not in reshaped:
-        return {"type": "object", **reshaped}
-    return reshaped
+    if not isinstance(parameters, dict):
+        return parameters
+    encoded = orjson.dumps(parameters)
+    if not any(mark in encoded for mark in _REWRITTEN):
+        return parameters if "type" in parameters or "anyOf" in parameters else {"type": "object", **parameters}
+    root: dict[str, Any] = parameters
+    definitions, defs = root.get("definitions"), root.get("$defs")
+    kept = defs if isinstance(defs, dict) else {} if defs is None else None
+    rename = isinstance(definitions, dict) and kept is not None and not definitions.keys() & kept.keys()
+    if rename:
+        assert isinstance(definitions, dict) and kept is not None
+        root = {key: value for key, value in root.items() if key != "definitions"}
+        root["$defs"] = {**kept, **definitions}
+    node: NodeRewrite = partial(_moonshot_node, rename_definitions=rename)
+    root = rewrite_subschemas(root, node)
+    if "type" not in root and "anyOf" not in root:
+        root = {"type": "object", **root}
+    reference = root.get("$ref")
+    if isinstance(reference, str):
+        # Beside its type and its $defs at least: in an allOf of one.
+        if rename and reference.startswith(_DEFINITIONS_REF):
+            reference = _DEFS_REF + reference[len(_DEFINITIONS_REF) :]
+        before = root.get("allOf")
+        root = {key: value for key, value in root.items() if key != "$ref"}
+        root["allOf"] = [*(before if isinstance(before, list) else ()), {"$ref": reference}]
+    return root
 
 
 #: What a client can do about it: Moonshot's own field turns thinking off

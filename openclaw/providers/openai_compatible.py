@@ -198,6 +198,10 @@ def _reshaped(tool: Any, reshape: Callable[[Any], Any]) -> Any:
     function = tool.get("function")
     if not isinstance(function, dict) or "parameters" not in function:
         return tool
+    if function["parameters"] is None:
+        # Null is not set (as OpenAI reads it, and Gemini's translation):
+        # left out, where Moonshot refused a null.
+        return {**tool, "function": {key: value for key, value in function.items() if key != "parameters"}}
     parameters = reshape(function["parameters"])
     if parameters is function["parameters"]:
         return tool

@@ -1073,10 +1073,15 @@ def schema_instance(schema: Any, root: Mapping[str, Any], text: str) -> Any:
             items = schema.get("minItems") or 0
             if type(items) is not int or items < 0:
                 raise Reject(400, "Invalid schema: 'minItems' must be a non-negative integer")
-            if not isinstance(schema.get("items"), dict):
-                # Items without a schema (nulls) are counted here; those with one count themselves.
-                count(items)
-            return [instance(schema.get("items"), depth + 1) for _ in range(items)]
+            # A tuple's schemas by position (2020-12's prefixItems, or an
+            # older draft's list of items), then the rest's.
+            positions = schema.get("prefixItems", schema.get("items"))
+            positions = positions if isinstance(positions, list) else []
+            rest = schema.get("items") if isinstance(schema.get("items"), dict) else None
+            schemas = [positions[i] if i < len(positions) else rest for i in range(items)]
+            # Items without a schema (nulls) are counted here; those with one count themselves.
+            count(sum(1 for item in schemas if not isinstance(item, dict)))
+            return [instance(item, depth + 1) for item in schemas]
         if kind == "string":
             if schema.get("format") in _FORMATTED:
                 return _FORMATTED[schema["format"]]
@@ -1214,7 +1219,7 @@ def _check_moonshot_tools(tools: Any) -> None:
     Refuse tool parameters as Moonshot's validator ("Moonshot flavored JSON
     schema") does, in its words, for the shapes public reports show it
     refusing: a root whose type is not C{"object"} (MiqroForge-Desktop
-    #1165), a C{type} beside C{anyOf} ("when using anyOf, type should be
+    #1165), a C{type} beside C{$ref} (lidge-jun/opencodex #2677), a C{type} beside C{anyOf} ("when using anyOf, type should be
     defined in anyOf items instead of the parent schema": MoonshotAI/kimi-cli
     #2531), a list of C{items} ("items must be an object": vercel/ai
     #18921), a reference elsewhere than C{#/$defs/} (CommandCodeAI/command-code
@@ -1246,6 +1251,12 @@ def _check_mfjs_node(schema: Any, path: str) -> None:
     ref = schema.get("$ref")
     if isinstance(ref, str) and not ref.startswith("#/$defs/"):
         raise Reject(400, f"{_MFJS_REFUSAL}<At path '{path}': references must start with #/$defs/>")
+    if isinstance(ref, str) and "type" in schema:
+        raise Reject(
+            400,
+            f"{_MFJS_REFUSAL}<At path '{path}': when using $ref, type should be defined in the referenced schema "
+            "instead of the parent schema>",
+        )
     within = "" if path == "root" else path + "."
     for key in ("anyOf", "oneOf", "allOf", "prefixItems"):
         if isinstance(schema.get(key), list):
