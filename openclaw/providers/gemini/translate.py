@@ -58,6 +58,7 @@ from openclaw.dataplane.request import (
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import clip
 from openclaw.providers.gemini.callids import carried, logger, new_call_id
+from openclaw.providers.jsonschema import DATA_KEYWORDS, SCHEMA_MAPS
 from openclaw.providers.wire import (
     Completion,
     MalformedAnswer,
@@ -608,10 +609,6 @@ def _declaration(function: dict[str, Any], references: bool = True) -> dict[str,
 #: What Gemini lets stand beside C{"$ref"} in a schema node (its sibling
 #: keywords).
 REF_SIBLINGS_ALLOWED = frozenset({"$ref", "description", "default"})
-#: Keywords whose values are data, not schemas: never rewritten.
-_DATA_KEYWORDS = frozenset({"enum", "const", "default", "examples", "example"})
-#: Keywords whose values map names to schemas.
-_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 #: A C{$schema} naming a draft in which the siblings of C{$ref} are
 #: ignored (draft-07 section 8.3, and before it).
 _SIBLINGS_IGNORED = re.compile(r"draft-0[0-7]\b")
@@ -662,8 +659,8 @@ def _isolated(schema: Any, ignored: bool, names: bool = False) -> Any:
         key: new
         for key, value in schema.items()
         if isinstance(value, (dict, list))
-        and (names or key not in _DATA_KEYWORDS)
-        and (new := _isolated(value, ignored, not names and key in _SCHEMA_MAPS)) is not value
+        and (names or key not in DATA_KEYWORDS)
+        and (new := _isolated(value, ignored, not names and key in SCHEMA_MAPS)) is not value
     }
     node = {**schema, **changed} if changed else schema
     if names:
