@@ -252,7 +252,8 @@ class RepeatedCallTests(SynchronousTestCase):
     A function call Gemini sends again with the same C{id} (a Gemini 3
     stream repeating a call without its signature: agent trial s43,
     allenhutchison/obsidian-gemini #230) is one call, not two an agent
-    would run twice; calls without an id, or with ids of their own, stay.
+    would run twice; calls without an id, with ids of their own, or
+    another call reusing an id, stay.
     """
 
     def setUp(self) -> None:
@@ -287,8 +288,11 @@ class RepeatedCallTests(SynchronousTestCase):
                     {"functionCall": self.CALL},
                     {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
                     {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
+                    # Another call reusing the id: kept (recheck s44: dropped).
+                    {"functionCall": {**self.CALL, "args": {"q": "z"}}},
                 )
             ]
         }
         calls = translate.from_gemini(document, "m", "id", 0)["choices"][0]["message"]["tool_calls"]
-        self.assertEqual([json.loads(call["function"]["arguments"])["q"] for call in calls], ["x", "y", "y"])
+        self.assertEqual([json.loads(call["function"]["arguments"])["q"] for call in calls], ["x", "y", "y", "z"])
+        self.assertEqual(len({call["id"] for call in calls}), 4)

@@ -1314,7 +1314,7 @@ def _read(
     candidate: dict[str, Any],
     first_index: int = 0,
     log: ILogObserver | None = None,
-    call_ids: set[str] | None = None,
+    call_ids: dict[str, tuple[Any, Any]] | None = None,
 ) -> _Reading:
     """
     Read a candidate's parts (its C{Content},
@@ -1336,10 +1336,13 @@ def _read(
     @param first_index: the OpenAI C{index} of the first tool call read.
     @param log: where a warning of a tool call's id goes (L{_tool_call}).
     @param call_ids: the C{functionCall} ids of the choice's calls read
-        so far (its earlier events' in a stream), added to: a call whose
-        id is among them is Gemini repeating it (a Gemini 3 stream may send
-        a call again without its signature: allenhutchison/obsidian-gemini
-        #230) and is left out, so that an agent runs it once.
+        so far (its earlier events' in a stream), each with the first
+        call's name and C{args}, added to: a call with the id, name and
+        C{args} of one of them is Gemini repeating it (a Gemini 3 stream
+        may send a call again without its signature:
+        allenhutchison/obsidian-gemini #230) and is left out, so that an
+        agent runs it once; another call that reuses an id is kept (its
+        OpenAI id is its own).
     @raise MalformedAnswer: a shape Gemini's API does not return:
         C{content} not an object, C{parts} not a list, a part not an
         object, C{text} not a string, a C{functionCall} not an object or
@@ -1370,9 +1373,10 @@ def _read(
             if call_ids is not None and isinstance(call, dict):
                 gemini_id = call.get("id")
                 if isinstance(gemini_id, str) and gemini_id:
-                    if gemini_id in call_ids:
+                    this = (call.get("name"), call.get("args"))
+                    if call_ids.get(gemini_id) == this:
                         continue
-                    call_ids.add(gemini_id)
+                    call_ids.setdefault(gemini_id, this)
             reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls), log))
             continue
         said = part.get("text")
@@ -1619,7 +1623,7 @@ def from_gemini(
                 "Gemini's candidate has no finishReason: the model had not stopped, so its answer may be cut "
                 "short; retry"
             )
-        reading = _read(candidate, log=log, call_ids=set())
+        reading = _read(candidate, log=log, call_ids={})
         if reading.skipped and not reading.said:
             raise untranslated(reading.skipped)
         _note(skipped, reading.skipped)
@@ -1724,7 +1728,7 @@ class GeminiStream:
     _calls: dict[int, int] = attrs.field(factory=dict)
     #: choice index -> the C{functionCall} ids of its calls read so far
     #: (L{_read}: a repeated one is left out).
-    _call_ids: dict[int, set[str]] = attrs.field(factory=dict)
+    _call_ids: dict[int, dict[str, tuple[Any, Any]]] = attrs.field(factory=dict)
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
@@ -1821,7 +1825,7 @@ class GeminiStream:
                 self._started.add(index)
                 delta["role"] = "assistant"
             try:
-                reading = _read(candidate, self._calls.get(index, 0), call_ids=self._call_ids.setdefault(index, set()))
+                reading = _read(candidate, self._calls.get(index, 0), call_ids=self._call_ids.setdefault(index, {}))
             except MalformedAnswer as e:
                 raise GeminiStreamError(str(e), e.code) from None
             if reading.reasoning:
