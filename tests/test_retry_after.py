@@ -23,8 +23,9 @@ from openclaw.dataplane.errors import (
     no_usable_key,
     retry_after_seconds,
     sooner_elsewhere,
+    upstream_refused,
 )
-from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, RefusalKind, classify, parse_retry_after
+from openclaw.providers.errors import MAX_RETRY_AFTER_SECONDS, Refusal, RefusalKind, classify, parse_retry_after
 from openclaw.providers.keys import DEFAULT_REST_SECONDS
 from openclaw.settings.values import MAX_DURATION_SECONDS
 from tests.support import changed_providers, open_client
@@ -116,6 +117,17 @@ class RetryAfterFieldTests(TestCase):
         self.assertEqual(attrs.evolve(error, message="y").headers, error.headers)
         shorter = attrs.evolve(error, retry_after=5)
         self.assertEqual(shorter.headers, ((b"Retry-After", b"5"), (SHOULD_RETRY_HEADER, b"false")))
+
+    def test_relayed_rate_limit_says_when(self) -> None:
+        """
+        A provider's 429 relayed says when to retry when the provider said
+        (recheck s44: "retry later" beside a Retry-After of 1), else later.
+        """
+        told = upstream_refused("gemini", Refusal(429, "rate_limited", "quota", retry_after=1.2), "K", names_model=True)
+        self.assertTrue(told.message.endswith("; retry in 2 s"), told.message)
+        self.assertEqual(told.retry_after, 2)
+        untold = upstream_refused("gemini", Refusal(429, "rate_limited", "quota"), "K", names_model=True)
+        self.assertTrue(untold.message.endswith("; retry later"), untold.message)
 
     def test_header_alone_read(self) -> None:
         """

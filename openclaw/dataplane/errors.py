@@ -457,7 +457,8 @@ def upstream_refused(
     if kind == "rate_limited":
         return APIError(
             429,
-            f"{provider_id} is rate limiting the gateway: {said}; retry later",
+            f"{provider_id} is rate limiting the gateway: {said}; "
+            + ("retry later" if retry_after is None else f"retry in {retry_after} s"),
             "rate_limit_error",
             "rate_limit_exceeded",
             headers=upstream,
