@@ -153,6 +153,17 @@ class StandInTests(TestCase):
         ):
             with self.assertRaises(SystemExit):
                 standin._parse_args(bad)
+        for bad in (["--rate-limited-model", "openai=gpt-4o"], ["--rate-limited-model", "gemini"]):
+            with self.assertRaises(SystemExit):
+                standin._parse_args(bad)
+        limited = standin.upstream_from_args(
+            reactor,
+            standin._parse_args(
+                ["--rate-limited-model", "gemini=gemini-2.5-pro", "--rate-limited-model", "gemini=gemini-2.0-flash"]
+            ),
+        )
+        self.assertEqual(limited.gemini.rate_limited_models, {"gemini-2.5-pro", "gemini-2.0-flash"})
+        self.assertEqual(limited.kimi.rate_limited_models, set())
         self.assertEqual(standin._parse_args([]).retry_after, 1.0)
         self.assertEqual(standin._parse_args(["--retry-after", "7"]).retry_after, 7.0)
         for bad in (["--retry-after", "-1"], ["--retry-after", "soon"], ["--retry-after", "1e9"]):

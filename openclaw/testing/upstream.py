@@ -2295,6 +2295,16 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 type=_for(provider_id),
                 help=f"--mode {provider_id}=MODE",
             )
+    parser.add_argument(
+        "--rate-limited-model",
+        dest="rate_limited_models",
+        action="append",
+        default=[],
+        type=_pair("MODEL"),
+        metavar="ID=MODEL",
+        help="provider ID answers calls of MODEL (chat or embeddings) with a 429, its other models as its mode "
+        "says (repeatable): a rate limit of one model, as Google's are",
+    )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument(
         "--chunk-interval", type=float, default=0.0, help="seconds between the events of a streamed answer"
@@ -2313,7 +2323,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="log each chat and embeddings request body received, as JSON (what the gateway sent)",
     )
     args = parser.parse_args(argv)
-    for provider_id, _ in [*args.keys, *args.modes, *args.models, *args.statuses]:
+    for provider_id, _ in [*args.keys, *args.modes, *args.models, *args.statuses, *args.rate_limited_models]:
         if provider_id not in ids:
             parser.error(f"unknown provider {provider_id!r}: use one of {', '.join(ids)}")
     for provider_id, value in args.modes:
@@ -2332,8 +2342,8 @@ def upstream_from_args(reactor: IUpstreamReactor, args: argparse.Namespace) -> S
     """
     The stand-in the command line (read by L{_parse_args}) asks for, every
     built-in provider served, not yet listening: each with its C{--key},
-    C{--mode} and C{--models} (by default L{command_line_models}), and the
-    timings given for all.
+    C{--mode}, C{--models} (by default L{command_line_models}) and
+    C{--rate-limited-model}s, and the timings given for all.
     """
     keys, modes, models, statuses = dict(args.keys), dict(args.modes), dict(args.models), dict(args.statuses)
     return StandInUpstream(
@@ -2349,6 +2359,7 @@ def upstream_from_args(reactor: IUpstreamReactor, args: argparse.Namespace) -> S
                 chunk_interval=args.chunk_interval,
                 retry_after=args.retry_after,
                 log_bodies=args.log_bodies,
+                rate_limited_models={model for named, model in args.rate_limited_models if named == adapter.id},
             )
             for adapter in builtin_providers()
         },
