@@ -909,8 +909,7 @@ class RedisStore:
                 if factory in self._factories:
                     self._connection_failure = reason
                 # A password asked or refused (set on Redis meanwhile) is
-                # said as the handshake's is (cluster trial s43: told to
-                # grant an ACL for a NOAUTH).
+                # said as the handshake's is, not as a missing ACL grant.
                 hint = next((hint for start, hint in _REFUSAL_HINTS if refusal.startswith(start)), None)
                 self._say_once(
                     f"Redis refused the subscription to the cluster's channel {self.channel!r}: {refusal}",

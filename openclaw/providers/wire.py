@@ -345,8 +345,9 @@ def refuse_tool_types(chat: ChatRequest, wire: Wire, provider_id: str, offered: 
         takers = offered.takers[kind]
         elsewhere = " or ".join(f'{_article(taker)} {taker} model (model "{taker}/<model>")' for taker in takers)
         # To go on with this provider instead (the active route was
-        # switched to it: agent trial s43), the tool's declaration, its
-        # calls and their tool messages are to be left out.
+        # switched to it, and the client cannot name the other), the
+        # tool's declaration, its calls and their tool messages are to be
+        # left out.
         instead = (
             f"; or, to go on with {provider_id}, leave {name} out of tools, and its calls and their tool messages "
             "out of the history"
