@@ -361,6 +361,21 @@ class RetryAfterEndToEndTests(ResilienceTestCase):
             "(for gemini-2.5-flash), where the call would fail over (gemini may take the call in ",
             json.loads(text)["error"]["message"],
         )
+        # The call's own provider resting for its model alone: said so too.
+        kimi.reset()
+        gemini.reset()
+        kimi.rate_limited_keys, kimi.retry_after = {KIMI_KEY}, 75
+        gemini.rate_limited_models, gemini.retry_after = {"gemini-2.5-flash"}, 30
+        providers = changed_providers(self.upstream.provider_settings(), gemini={"model": "gemini-2.5-flash"})
+        gateway = self.gateway(providers=providers, default_provider="gemini", fallback="auto")
+        for _ in range(2):
+            response, text = yield self.post(gateway, {"messages": HELLO})
+            self.assertEqual(response.code, 429, text)
+        self.assertIn(
+            "every key the gateway holds for gemini is rate limited for gemini-2.5-flash, and so is every key it "
+            "holds for kimi, where the call would fail over (",
+            json.loads(text)["error"]["message"],
+        )
 
     @inlineCallbacks
     def test_no_wait_told_for_a_fallback_that_cannot_take_the_call(self) -> Any:
