@@ -288,7 +288,9 @@ class RepeatedCallTests(SynchronousTestCase):
                     {"functionCall": self.CALL},
                     {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
                     {"functionCall": {"name": "search_files", "args": {"q": "y"}}},
-                    # Another call reusing the id: kept (recheck s44: dropped).
+                    # Another call reusing the id: kept (recheck s44: dropped),
+                    # and once only when it is sent again (recheck s44: twice).
+                    {"functionCall": {**self.CALL, "args": {"q": "z"}}},
                     {"functionCall": {**self.CALL, "args": {"q": "z"}}},
                 )
             ]

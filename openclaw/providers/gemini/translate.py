@@ -1314,7 +1314,7 @@ def _read(
     candidate: dict[str, Any],
     first_index: int = 0,
     log: ILogObserver | None = None,
-    call_ids: dict[str, tuple[Any, Any]] | None = None,
+    call_ids: dict[str, set[bytes]] | None = None,
 ) -> _Reading:
     """
     Read a candidate's parts (its C{Content},
@@ -1336,9 +1336,9 @@ def _read(
     @param first_index: the OpenAI C{index} of the first tool call read.
     @param log: where a warning of a tool call's id goes (L{_tool_call}).
     @param call_ids: the C{functionCall} ids of the choice's calls read
-        so far (its earlier events' in a stream), each with the first
-        call's name and C{args}, added to: a call with the id, name and
-        C{args} of one of them is Gemini repeating it (a Gemini 3 stream
+        so far (its earlier events' in a stream), each with the name and
+        C{args} of every call read under it, added to: a call with the
+        id, name and C{args} of one of them is Gemini repeating it (a Gemini 3 stream
         may send a call again without its signature:
         allenhutchison/obsidian-gemini #230) and is left out, so that an
         agent runs it once; another call that reuses an id is kept (its
@@ -1373,10 +1373,18 @@ def _read(
             if call_ids is not None and isinstance(call, dict):
                 gemini_id = call.get("id")
                 if isinstance(gemini_id, str) and gemini_id:
-                    this = (call.get("name"), call.get("args"))
-                    if call_ids.get(gemini_id) == this:
-                        continue
-                    call_ids.setdefault(gemini_id, this)
+                    # Every call read under this id, not only the first:
+                    # A, B, B (both B reusing A's id) is A and B.  Hashed,
+                    # so that many calls under one id cost no quadratic work.
+                    try:
+                        this = orjson.dumps([call.get("name"), call.get("args")], option=orjson.OPT_SORT_KEYS)
+                    except (TypeError, orjson.JSONEncodeError):
+                        this = None
+                    if this is not None:
+                        read = call_ids.setdefault(gemini_id, set())
+                        if this in read:
+                            continue
+                        read.add(this)
             reading.tool_calls.append(_tool_call(call, part, first_index + len(reading.tool_calls), log))
             continue
         said = part.get("text")
@@ -1728,7 +1736,7 @@ class GeminiStream:
     _calls: dict[int, int] = attrs.field(factory=dict)
     #: choice index -> the C{functionCall} ids of its calls read so far
     #: (L{_read}: a repeated one is left out).
-    _call_ids: dict[int, dict[str, tuple[Any, Any]]] = attrs.field(factory=dict)
+    _call_ids: dict[int, dict[str, set[bytes]]] = attrs.field(factory=dict)
     _usage: dict[str, Any] | None = None
     #: The C{modelVersion} the events name, once one has.
     _served_by: str | None = None
