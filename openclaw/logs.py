@@ -682,6 +682,14 @@ CONTROLPLANE_NAMESPACE = "openclaw.control.protocol.ControlFactory"
 #: The field that marks the control plane's line for a refused
 #: connection (its reason; absent on every other line).
 REFUSED_CONNECTION_FIELD = "refused_connection"
+#: The namespace of the control plane's command lines (its
+#: L{openclaw.control.plane.ControlPlane}'s logger).
+COMMANDS_NAMESPACE = "openclaw.controlplane"
+#: The field that marks the control plane's line for a token of the
+#: gateway's own, expired or replaced, refused (its reason): no guess, not
+#: counted toward the lockout, so a client holding one could reconnect and
+#: send it without end; limited as refused connections are.
+STALE_TOKEN_FIELD = "stale_token"
 #: How many refused control connections are logged at most in
 #: L{KEYLESS_REFUSAL_INTERVAL_SECONDS}: any client can open thousands a
 #: second with a foreign C{Origin} or from outside C{TRUSTED_CLIENT_IPS}.
@@ -744,8 +752,9 @@ class PeerCausedLine:
 #: any 4xx answered before a key was accepted, a consumer key's 503 while
 #: the consumers cannot be read), L{KEYLESS_REFUSAL_LINES}
 #: a second; and the control plane's lines for each refused connection
-#: (L{REFUSED_CONNECTION_FIELD}) and each connection a TLS error ended
-#: (its C{tls_error} field), L{REFUSED_CONNECTION_LINES} a second each.
+#: (L{REFUSED_CONNECTION_FIELD}), each connection a TLS error ended
+#: (its C{tls_error} field) and each stale token refused
+#: (L{STALE_TOKEN_FIELD}), L{REFUSED_CONNECTION_LINES} a second each.
 PEER_CAUSED_LINES = (
     PeerCausedLine("accept_errors", formats=ACCEPT_ERROR_FORMATS),
     PeerCausedLine(
@@ -810,6 +819,14 @@ PEER_CAUSED_LINES = (
         namespace=CONTROLPLANE_NAMESPACE,
         level=LogLevel.info,
         field="tls_error",
+        interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
+        burst=REFUSED_CONNECTION_LINES,
+    ),
+    PeerCausedLine(
+        "stale_tokens",
+        namespace=COMMANDS_NAMESPACE,
+        level=LogLevel.warn,
+        field=STALE_TOKEN_FIELD,
         interval=KEYLESS_REFUSAL_INTERVAL_SECONDS,
         burst=REFUSED_CONNECTION_LINES,
     ),

@@ -70,7 +70,7 @@ from openclaw.dataplane.site import APISite, build_site
 from openclaw.deferreds import InFlight
 from openclaw.files import FILES_CHECK_SECONDS, LockHeld, PidLock, write_atomically
 from openclaw.listeners import HANDSHAKE_HEADROOM, CannotListen, PortTaken, descriptor_shares
-from openclaw.logs import offer_log_observer
+from openclaw.logs import COMMANDS_NAMESPACE, offer_log_observer
 from openclaw.loops import LoggedStep
 from openclaw.metrics import ConsumerMetrics, GatewayMetrics, MeasuredAgent, MetricsResource
 from openclaw.providers import ProviderRegistry
@@ -881,7 +881,7 @@ class GatewayService(SequentialMultiService):
         self.controlplane = ControlPlane(
             self.sessions,
             commands,
-            Logger(namespace="openclaw.controlplane"),
+            Logger(namespace=COMMANDS_NAMESPACE),
             debug=settings.log_level == "debug",
             max_auth_failures=settings.max_auth_failures,
             metrics=self.metrics,

@@ -454,8 +454,16 @@ class SessionAuthority:
             raise TokenRejected(EXPIRED)
         if not hmac.compare_digest(jti.encode(), current.jti.encode()):
             issued_at = claims.get("iat")
-            if isinstance(issued_at, int | float) and not isinstance(issued_at, bool) and issued_at > current.issued_at:
+            if (
+                self._shared
+                and isinstance(issued_at, int | float)
+                and not isinstance(issued_at, bool)
+                and issued_at > current.issued_at
+            ):
                 raise TokenRejected(NOT_KNOWN_YET, NOT_KNOWN_YET_HINT)
+            # A single gateway hears of no rotation elsewhere: a token newer
+            # than its own (another gateway's with the same JWT_SECRET, or
+            # its previous run's with the clock set back) is no more valid.
             raise TokenRejected(REVOKED)
         # Same jti and a good signature but not the same string: a token
         # re-encoded with other claims by someone holding the secret.

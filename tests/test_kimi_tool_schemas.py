@@ -71,10 +71,16 @@ class MoonshotSchemaTests(SynchronousTestCase):
         self.assertEqual(
             properties["id"], {"anyOf": [{"type": "string", "minLength": 3}, {"type": "string", "pattern": "^x"}]}
         )
-        # A $ref branch keeps its target's type.
+        # A $ref branch takes the type beside an allOf of its reference
+        # (recheck s44: left alone, the type was lost).
         self.assertEqual(
             properties["where"],
-            {"anyOf": [{"$ref": "#/$defs/Place"}, {"type": "object", "properties": {"x": {"type": "number"}}}]},
+            {
+                "anyOf": [
+                    {"type": "object", "allOf": [{"$ref": "#/$defs/Place"}]},
+                    {"type": "object", "properties": {"x": {"type": "number"}}},
+                ]
+            },
         )
         self.assertEqual(
             properties["pair"], {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}]}

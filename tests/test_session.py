@@ -173,6 +173,11 @@ class VerifyTests(SynchronousTestCase):
         replaced is revoked.
         """
         newer = jwt.encode(self.claims(jti=str(uuid.uuid4()), iat=int(NOW) + 5), SECRET, algorithm="HS256")
+        # A single gateway hears of no rotation elsewhere: revoked
+        # (recheck s44: told to wait for "the cluster's latest rotation").
+        self.assertRejected(newer, "token revoked")
+        self.authority = SessionAuthority(SECRET, 3600, clock=self.clock, shared=True)
+        self.authority.adopt(self.issued)
         with self.assertRaises(TokenRejected) as caught:
             self.authority.verify(newer)
         self.assertEqual(caught.exception.reason, NOT_KNOWN_YET)

@@ -33,6 +33,7 @@ from openclaw.control.commands import (
     quoted,
     summarise,
 )
+from openclaw.logs import STALE_TOKEN_FIELD
 from openclaw.metrics import INVALID, GatewayMetrics
 from openclaw.session import GENUINE_REFUSALS, MISSING, NOT_KNOWN_YET, SessionAuthority, TokenRejected
 
@@ -355,6 +356,7 @@ class ControlPlane:
         if counted:
             connection.failed_auths += 1
             connection.genuine_refusal = None
+            connection.stale_refusals = 0
         # Counted first, and logged with a summary that cannot raise:
         # whatever the peer sent, the failure is accounted for.
         self._metrics.auth_failed(reason)
@@ -369,6 +371,9 @@ class ControlPlane:
             cmd=summarise(cmd),
             outcome="auth_failed",
             failed_auths=connection.failed_auths,
+            # Not counted: limited in the log as refused connections are
+            # (logs.PEER_CAUSED_LINES), every one counted in the metric.
+            **({} if counted else {STALE_TOKEN_FIELD: reason}),
             **fields,
         )
 

@@ -471,6 +471,7 @@ class ControlProtocol(WebSocketServerProtocol):
                 refusals=connection.stale_refusals,
                 outcome="closed",
                 reason="stale_token",
+                **{REFUSED_CONNECTION_FIELD: "stale_token"},
                 **fields,
             )
             self.close_unheard(POLICY_VIOLATION, connection.genuine_refusal or "token revoked")
@@ -524,6 +525,9 @@ class ControlProtocol(WebSocketServerProtocol):
             seconds=factory.auth_timeout,
             outcome="closed",
             reason="auth_timeout",
+            # Its own kind of line for the limit: a client that reconnects
+            # with a stale token hides no guesser's close.
+            **({REFUSED_CONNECTION_FIELD: "stale_token_timeout"} if genuine else {}),
             **fields,
         )
         if genuine is not None:

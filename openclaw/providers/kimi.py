@@ -325,9 +325,9 @@ MOONSHOT_TOOL_SCHEMA = re.compile(r"moonshot flavored json schema|tools\.functio
 #: What to do about such a refusal (the shapes public reports show
 #: Moonshot refusing: MoonshotAI/kimi-cli #2531, #2061; vercel/ai #18921).
 TOOL_SCHEMA_ADVICE = (
-    "Moonshot checks a tool's parameters against its own subset of JSON Schema: give every property a type, "
-    'make the parameters an object ("type": "object"), keep a $ref local (#/$defs/...), '
-    "and use no boolean schema (true/false); at the root, no anyOf (Moonshot refuses a type beside it, and some "
+    "Moonshot checks a tool's parameters against its own subset of JSON Schema: give every property a type (a "
+    'property given as true or {} has none), make the parameters an object ("type": "object"), keep a $ref local '
+    "(#/$defs/...); at the root, no anyOf (Moonshot refuses a type beside it, and some "
     "of its models a root without one): give the alternatives as properties, or as tools of their own.  The "
     "gateway already moves a type given beside a nested anyOf into its branches, a $ref's siblings beside an "
     "allOf of it, an items list into prefixItems and definitions into $defs, and gives a root without a type "
@@ -381,28 +381,37 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
     if isinstance(kind, (str, list)) and isinstance(branches, list):
         # Moonshot: "when using anyOf, type should be defined in anyOf
         # items instead of the parent schema" (MoonshotAI/kimi-cli #2531).
-        # A $ref branch keeps its target's type; true admits what the
-        # type admits.
-        changed["anyOf"] = [
-            {"type": kind}
-            if branch is True
-            else {"type": kind, **branch}
-            if isinstance(branch, dict) and "type" not in branch and "$ref" not in branch
-            else branch
-            for branch in branches
-        ]
+        # A $ref branch takes it beside an allOf of its reference (Moonshot
+        # refuses a type beside a $ref); true admits what the type admits.
+        changed["anyOf"] = [_typed_branch(branch, kind) for branch in branches]
         dropped.add("type")
     if not changed:
         return node
     return {key: value for key, value in {**node, **changed}.items() if key not in dropped}
 
 
+def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
+    """
+    A branch of an C{anyOf} with the C{type} that stood beside the
+    C{anyOf} (C{kind}), when it has none of its own: C{true} becomes that
+    type alone, a C{$ref} (alone or with its C{description}) goes into an
+    C{allOf} of one beside it.
+    """
+    if branch is True:
+        return {"type": kind}
+    if not isinstance(branch, dict) or "type" in branch:
+        return branch
+    if "$ref" in branch:
+        # Its other siblings moved it into an allOf already (_moonshot_node).
+        return {"type": kind, **{k: v for k, v in branch.items() if k != "$ref"}, "allOf": [{"$ref": branch["$ref"]}]}
+    return {"type": kind, **branch}
+
+
 def moonshot_schema(schema: Any) -> Any:
     """
     A schema (below a tool's root) as Moonshot's validator takes it, the
     same meaning: a C{type} beside C{anyOf} moved into each branch that
-    has none (a branch that is a C{$ref} is left alone, its type is its
-    target's); a list of C{items} (a tuple, draft 4-2019) written as
+    has none (beside an C{allOf} of a C{$ref} branch's reference); a list of C{items} (a tuple, draft 4-2019) written as
     C{prefixItems} (2020-12); a C{$ref} with keywords beside it but its
     C{description} moved into an C{allOf} of one, its siblings kept
     beside it.  C{schema} itself when nothing is to change (no copy),
