@@ -823,6 +823,18 @@ class LostState(TestCase):
             ],
         )
 
+        # A node never in step (start-up) does not listen: it says so, not
+        # that it serves (recheck s44).
+        events.clear()
+        self.store.unanswered = True
+        fresh = self.node("c")
+        fresh.connected()
+        self.clock.advance(1.0)
+        self.store.unanswered = False
+        said = [formatEvent(e) for e in events if "could not reload" in formatEvent(e)]
+        self.assertEqual(len(said), 1)
+        self.assertIn("; not listening and refusing changes meanwhile; trying again in", said[0])
+
 
 class MembershipRecord(TestCase):
     """

@@ -680,7 +680,10 @@ class ClusterNode:
                     then = f"trying again at the next heartbeat (every {HEARTBEAT_INTERVAL_SECONDS:g} s)"
                 else:
                     then = (
-                        "serving with the last known route and token and refusing changes meanwhile; "
+                        # At start-up, before it was ever in step, it
+                        # does not listen: it has no route or token.
+                        ("serving with the last known route and token" if self._been_up else "not listening")
+                        + " and refusing changes meanwhile; "
                         f"trying again in {self._retry_policy(self._retries):g} s, then backing off up to "
                         f"{self._retry_max:g} s "
                         "between attempts, until it works"
