@@ -130,6 +130,18 @@ class StandInTests(TestCase):
             StandInUpstream(reactor, providers=(Odd,))
         self.assertIn("mount it with StandInUpstream.mount", str(caught.exception))
 
+    def test_instances_of_schemas(self) -> None:
+        """
+        The arguments the stand-in makes up for a forced call are valid
+        against the function's parameters: a tuple's items by position,
+        a type beside an C{anyOf} or C{oneOf} held by the option taken
+        (recheck s44: nulls for both).
+        """
+        tuple_ = {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 2}
+        self.assertEqual(standin.schema_instance(tuple_, tuple_, "t"), ["t", 0])
+        one_of = {"type": "string", "oneOf": [{"maxLength": 3}, {"minLength": 9}]}
+        self.assertEqual(standin.schema_instance(one_of, one_of, "text"), "tex")
+
     def test_command_line(self) -> None:
         """
         C{--key ID=KEY} and C{--mode ID=MODE}, repeatable, for every
@@ -308,6 +320,37 @@ class StandInTests(TestCase):
             for name in ("KIMI_BASE_URL", "GEMINI_BASE_URL", "ACME_BASE_URL", "ACME_API_KEY=A1"):
                 self.assertIn(name, out)
             self.assertIn("/acme/v1", out)
+
+        return deferToThread(run).addCallback(check)
+
+    def test_port_taken(self) -> Deferred[None]:
+        """
+        A port the stand-in cannot listen on is one line and status 1, as
+        the gateway says it, not a traceback (recheck s44).
+        """
+        import socket
+
+        taken = socket.socket()
+        self.addCleanup(taken.close)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "openclaw.testing.upstream", "--port", str(port)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        def check(done: subprocess.CompletedProcess[str]) -> None:
+            self.assertEqual(done.returncode, 1, done.stderr)
+            self.assertEqual(
+                done.stderr,
+                f"python -m openclaw.testing.upstream: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                "choose another --port (0: any free one)\n",
+            )
 
         return deferToThread(run).addCallback(check)
 

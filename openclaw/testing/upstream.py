@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 import attrs
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IDelayedCall, IListeningPort, ITCPTransport, ITransport
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -1054,7 +1055,12 @@ def schema_instance(schema: Any, root: Mapping[str, Any], text: str) -> Any:
             options = schema.get(key)
             if isinstance(options, list) and options:
                 wanted = [o for o in options if not (isinstance(o, dict) and str(o.get("type")).lower() == "null")]
-                return instance((wanted or options)[0], depth + 1)
+                chosen = (wanted or options)[0]
+                if isinstance(chosen, dict) and "$ref" not in chosen:
+                    # What stands beside the keyword (a type) holds for
+                    # the option too.
+                    chosen = {**{k: v for k, v in schema.items() if k != key}, **chosen}
+                return instance(chosen, depth + 1)
         kind = schema.get("type")
         if isinstance(kind, list):
             kind = next((k for k in kind if str(k).lower() != "null"), "null")
@@ -2372,7 +2378,17 @@ def main(reactor: IStandInReactor, *argv: str) -> Deferred[None]:
     """
     args = _parse_args(argv)
     upstream = upstream_from_args(reactor, args)
-    upstream.listen(args.port, args.interface, access_log=not args.quiet)
+    try:
+        upstream.listen(args.port, args.interface, access_log=not args.quiet)
+    except CannotListenError as e:
+        # One line, as the gateway says it, not a traceback.
+        reason = e.socketError.strerror if isinstance(e.socketError, OSError) else e.socketError
+        print(
+            f"python -m openclaw.testing.upstream: cannot listen on {args.interface}:{args.port}: {reason}; "
+            "choose another --port (0: any free one)",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)], redirectStandardIO=False)
     print("Stand-in upstream listening. Point the gateway at it with:")
     for name, value in upstream.environment().items():
