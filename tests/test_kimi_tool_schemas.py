@@ -14,11 +14,13 @@ import copy
 from typing import Any
 
 import openai
+import orjson
 import pydantic
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.dataplane.request import MAX_VALUE_DEPTH, nests_too_deep
 from openclaw.providers.kimi import moonshot_parameters, moonshot_schema
 from tests.test_dataplane import DataPlaneTestCase
 
@@ -140,6 +142,39 @@ class MoonshotSchemaTests(SynchronousTestCase):
             sent["properties"]["v"],
             {"anyOf": [{"type": ["string", "null"], "minLength": 1}, {"type": ["string", "null"]}]},
         )
+
+    def test_branch_types_and_edges(self) -> None:
+        """
+        A branch with a type of its own keeps the types both admit (review
+        s44: an integer branch under a string type admitted integers); an
+        C{allOf} that is not a list beside a C{$ref} is left for Moonshot
+        (review s44: dropped); a tuple alone is rewritten (the fast path's
+        marks); and the rewrite adds at most two levels, within what the
+        request's depth limit leaves for a body around C{parameters}.
+        """
+        typed = {"type": "number", "anyOf": [{"type": "integer"}, {"type": ["number", "null"]}, {"type": "string"}]}
+        sent = moonshot_parameters({"type": "object", "properties": {"n": typed}})
+        self.assertEqual(
+            sent["properties"]["n"], {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "string"}]}
+        )
+        odd = {"$ref": "#/$defs/A", "type": "string", "allOf": {"minLength": 1}}
+        self.assertIs(moonshot_parameters({"type": "object", "properties": {"a": odd}})["properties"]["a"], odd)
+        tuple_only = {"type": "object", "properties": {"p": {"type": "array", "items": [{"type": "string"}]}}}
+        self.assertEqual(moonshot_parameters(tuple_only)["properties"]["p"]["prefixItems"], [{"type": "string"}])
+        leaf = {"type": ["string", "null"], "anyOf": [True, {"$ref": "#/$defs/A", "type": "string"}]}
+
+        def chain(levels: int) -> dict[str, Any]:
+            node: dict[str, Any] = leaf
+            for _ in range(levels):
+                node = {"not": node}
+            return {"type": "object", "properties": {"x": node}, "$defs": {"A": {"type": "string"}}}
+
+        levels = MAX_VALUE_DEPTH - 8
+        while not nests_too_deep(chain(levels + 1)):
+            levels += 1
+        sent = moonshot_parameters(chain(levels))
+        self.assertNotEqual(sent, chain(levels))
+        orjson.dumps({"tools": [{"type": "function", "function": {"name": "f", "parameters": sent}}]})
 
     def test_definitions_beside_defs(self) -> None:
         """

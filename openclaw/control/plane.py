@@ -267,22 +267,15 @@ class ControlPlane:
         try:
             jti = self._sessions.verify(message.get("token"))
         except TokenRejected as rejected:
-            genuine = rejected.reason in GENUINE_REFUSALS
-            connection.genuine_refusal = _refusal_close_reason(rejected) if genuine else None
-            if rejected.reason == NOT_KNOWN_YET:
-                connection.stale_refusals = 0
-                # The cluster's newest token, not applied here yet: the
-                # client did right, nothing toward its lockout.
-                self._metrics.auth_failed(rejected.reason)
-                self._log.info(
-                    "token not known here yet from {peer} (cmd {cmd}): issued after this instance's; "
-                    "not counted as a failed authentication",
-                    peer=connection.peer,
-                    cmd=summarise(cmd),
-                )
+            if rejected.reason in GENUINE_REFUSALS:
+                # Signed here (expired, replaced, or the cluster's newest
+                # not applied here yet): no guess, not counted; bounded
+                # all the same (too_many_stale).
+                connection.genuine_refusal = _refusal_close_reason(rejected)
+                connection.stale_refusals += 1
+                self._auth_failed(connection, rejected.reason, cmd, counted=False)
             else:
-                connection.stale_refusals = connection.stale_refusals + 1 if genuine else 0
-                self._auth_failed(connection, rejected.reason, cmd, counted=not genuine)
+                self._auth_failed(connection, rejected.reason, cmd)
             return self._refuse(cmd, str(rejected))
         if connection.failed_auths or connection.stale_refusals:
             connection.failed_auths = connection.stale_refusals = 0

@@ -348,6 +348,36 @@ _BESIDE_REF = frozenset({"$ref", "description"})
 _REWRITTEN = (b'"anyOf"', b'"items":[', b'"definitions"', b'"$ref"')
 
 
+def _renamed(reference: str) -> str:
+    """
+    A reference to the root's C{definitions} (draft 7) as the same under
+    C{$defs}; any other as it is.
+    """
+    if reference.startswith(_DEFINITIONS_REF):
+        return _DEFS_REF + reference[len(_DEFINITIONS_REF) :]
+    return reference
+
+
+def _reference_in_all_of(node: dict[str, Any], reference: str) -> dict[str, Any] | None:
+    """
+    C{node} with its C{$ref} (as C{reference}) moved into its C{allOf}, an
+    C{allOf} of one when it has none: the same constraint (2020-12
+    section 10.2.1.1), and draft 7's idiom for it (farion1231/cc-switch
+    #6863, checked against Moonshot's API).  None when its C{allOf} is
+    not a list: left for Moonshot to refuse in its own words.  Adds at
+    most two levels of nesting, at a leaf (what the request's depth
+    limit leaves room for: L{MAX_VALUE_DEPTH
+    <openclaw.dataplane.request.MAX_VALUE_DEPTH>} and the four levels of
+    a body around C{parameters}).
+    """
+    before = node.get("allOf", [])
+    if not isinstance(before, list):
+        return None
+    moved = {key: value for key, value in node.items() if key != "$ref"}
+    moved["allOf"] = [*before, {"$ref": reference}]
+    return moved
+
+
 def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> dict[str, Any]:
     """
     One schema node (not a tool's root) as Moonshot's validator takes it,
@@ -355,20 +385,16 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
     C{$ref} to the root's C{definitions} names the same schema under
     C{$defs}.
     """
-    changed: dict[str, Any] = {}
-    dropped: set[str] = set()
     reference = node.get("$ref")
     if isinstance(reference, str):
-        if rename_definitions and reference.startswith(_DEFINITIONS_REF):
-            reference = changed["$ref"] = _DEFS_REF + reference[len(_DEFINITIONS_REF) :]
+        renamed = _renamed(reference) if rename_definitions else reference
         if not node.keys() <= _BESIDE_REF:
-            # Its siblings stay, the reference goes into an allOf of one:
-            # the same constraint (2020-12 section 10.2.1.1), and the
-            # draft 7 idiom for it (farion1231/cc-switch #6863, checked
-            # against Moonshot's API).
-            before = node.get("allOf")
-            changed["allOf"] = [*(before if isinstance(before, list) else ()), {"$ref": reference}]
-            dropped.add("$ref")
+            # Its siblings stay, the reference goes beside them.
+            node = _reference_in_all_of(node, renamed) or node
+        elif renamed is not reference:
+            node = {**node, "$ref": renamed}
+    changed: dict[str, Any] = {}
+    dropped: set[str] = set()
     items = node.get("items")
     if isinstance(items, list):
         # Draft 4-2019's tuple, as 2020-12 writes it (Moonshot: "items
@@ -399,22 +425,53 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
     """
     if branch is True:
         return {"type": kind}
-    if not isinstance(branch, dict) or "type" in branch:
+    if not isinstance(branch, dict):
         return branch
-    if "$ref" in branch:
+    own = branch.get("type")
+    if own is not None:
+        # Both hold: the types both admit ("integer" is a "number").
+        common = _common_types(kind, own)
+        return branch if common is None else {**branch, "type": common}
+    reference = branch.get("$ref")
+    if isinstance(reference, str):
         # Its other siblings moved it into an allOf already (_moonshot_node).
-        return {"type": kind, **{k: v for k, v in branch.items() if k != "$ref"}, "allOf": [{"$ref": branch["$ref"]}]}
+        moved = _reference_in_all_of(branch, reference)
+        return branch if moved is None else {"type": kind, **moved}
     return {"type": kind, **branch}
+
+
+def _common_types(outer: Any, inner: Any) -> str | list[str] | None:
+    """
+    The types a value of both C{outer} and C{inner} (each a JSON Schema
+    C{type}: a name or a list of them) may have, as C{inner} writes them
+    (a name when one); None when they are not names, when C{inner}'s are
+    all among them already, or when none is common (a branch that admits
+    nothing, left for Moonshot to judge).
+    """
+    outer_types = [outer] if isinstance(outer, str) else outer
+    inner_types = [inner] if isinstance(inner, str) else inner
+    if not isinstance(inner_types, list) or not all(isinstance(t, str) for t in (*outer_types, *inner_types)):
+        return None
+    common = []
+    for name in inner_types:
+        if name in outer_types or (name == "integer" and "number" in outer_types):
+            common.append(name)
+        elif name == "number" and "integer" in outer_types:
+            common.append("integer")
+    if not common or common == inner_types:
+        return None
+    return common[0] if len(common) == 1 else common
 
 
 def moonshot_schema(schema: Any) -> Any:
     """
     A schema (below a tool's root) as Moonshot's validator takes it, the
-    same meaning: a C{type} beside C{anyOf} moved into each branch that
-    has none (beside an C{allOf} of a C{$ref} branch's reference); a list of C{items} (a tuple, draft 4-2019) written as
-    C{prefixItems} (2020-12); a C{$ref} with keywords beside it but its
-    C{description} moved into an C{allOf} of one, its siblings kept
-    beside it.  C{schema} itself when nothing is to change (no copy),
+    same meaning: a C{type} beside C{anyOf} moved into each branch (a
+    branch of its own type keeps the types both admit; beside an
+    C{allOf} of a C{$ref} branch's reference); a list of C{items} (a
+    tuple, draft 4-2019) written as C{prefixItems} (2020-12); a C{$ref}
+    with keywords beside it but its C{description} moved into an
+    C{allOf} of one, its siblings kept beside it (L{_reference_in_all_of}).  C{schema} itself when nothing is to change (no copy),
     else a changed copy; the caller's is never changed.  Anything else
     is left for Moonshot to judge (L{TOOL_SCHEMA_ADVICE} says what it
     refuses).
@@ -458,11 +515,7 @@ def moonshot_parameters(parameters: Any) -> Any:
     reference = root.get("$ref")
     if isinstance(reference, str):
         # Beside its type and its $defs at least: in an allOf of one.
-        if rename and reference.startswith(_DEFINITIONS_REF):
-            reference = _DEFS_REF + reference[len(_DEFINITIONS_REF) :]
-        before = root.get("allOf")
-        root = {key: value for key, value in root.items() if key != "$ref"}
-        root["allOf"] = [*(before if isinstance(before, list) else ()), {"$ref": reference}]
+        root = _reference_in_all_of(root, _renamed(reference) if rename else reference) or root
     return root
 
 
