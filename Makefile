@@ -33,6 +33,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check openclaw tests bench twisted
 	$(BIN)/mypy
 
+# A tool one test needs, installed when missing and we can (root with
+# apt-get: first from the package lists there are, then after updating
+# them); without it that test is skipped, and this says how to install it.
+# $(call optional_tool,CHECK,PACKAGE,WHAT NEEDS IT)
+define optional_tool
+	@$(1) || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    { DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq $(2) >/dev/null 2>&1 || \
+	      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 apt-get install -y -qq $(2) >/dev/null 2>&1; }; } || \
+	      echo "could not install $(2): $(3) will be skipped"; \
+	  else \
+	    echo "$(2) is not installed ('sudo apt-get install -y $(2)'): $(3) will be skipped"; \
+	  fi; }
+endef
+
 # The cluster tests (#18) start their own redis-server on a free port in a
 # temporary directory: install it when it is missing and we can, else say how.
 redis-server:
@@ -46,25 +61,13 @@ redis-server:
 # One cluster test runs an instance under libfaketime (its host's clock
 # off): installed when missing and we can; without it that test is skipped.
 faketime:
-	@test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq faketime >/dev/null; } || \
-	      echo "could not install faketime: the clock-skew cluster test will be skipped"; \
-	  else \
-	    echo "faketime is not installed ('sudo apt-get install -y faketime'): the clock-skew cluster test will be skipped"; \
-	  fi; }
+	$(call optional_tool,test -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1,faketime,the clock-skew cluster test)
 
 # One daemon test rotates the log with logrotate's own copytruncate and
 # create, then SIGUSR1: installed when missing and we can; without it that
 # test is skipped.
 logrotate:
-	@command -v logrotate >/dev/null || test -x /usr/sbin/logrotate || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    { DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq logrotate >/dev/null 2>&1; } || \
-	      echo "could not install logrotate: the log rotation test will be skipped"; \
-	  else \
-	    echo "logrotate is not installed ('sudo apt-get install -y logrotate'): the log rotation test will be skipped"; \
-	  fi; }
+	$(call optional_tool,command -v logrotate >/dev/null || test -x /usr/sbin/logrotate,logrotate,the log rotation test)
 
 # The consumer tests (#19) start their own postgres (initdb in a temporary
 # directory, a free port; as the postgres user when run as root).
@@ -79,13 +82,7 @@ postgres:
 # The pooler test starts its own pgbouncer in front of that postgres: installed
 # when missing and we can; without it that one test skips, saying how.
 pgbouncer:
-	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq pgbouncer >/dev/null 2>&1 || \
-	      echo "could not install pgbouncer: the pooler test will skip"; \
-	  else \
-	    echo "pgbouncer is not installed: the pooler test will skip ('sudo apt-get install -y pgbouncer' to run it)"; \
-	  fi; }
+	$(call optional_tool,command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer,pgbouncer,the pooler test)
 
 # The same suite under trial (Twisted's own runner), after setting up the
 # servers `make test` sets up.

@@ -1,7 +1,8 @@
 """
 JSON Schema's keywords by what their values hold, and one walk that
-rewrites a schema node by node: what a provider's translation of a tool's
-C{parameters} (or a response format's schema) is built on.
+rewrites a schema node by node: Kimi's rewrite of a tool's C{parameters}
+is built on it (L{openclaw.providers.kimi.moonshot_parameters}), and
+Gemini's isolation of a C{$ref}'s siblings reads its keyword tables.
 """
 
 from __future__ import annotations
