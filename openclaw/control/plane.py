@@ -95,18 +95,19 @@ class Connection:
     #: as failed authentications (nor towards its address's lockout).
     authenticated: bool = False
     #: What its close at AUTH_TIMEOUT_SECONDS says (L{_refusal_close_reason})
-    #: when the last token it sent was one the gateway signed (L{GENUINE_REFUSALS
-    #: <openclaw.session.GENUINE_REFUSALS>}: expired, replaced, not known
-    #: here yet) and no guess came since: that close is then no failed
-    #: authentication either (a dashboard kept open with the token a renewal replaced was
-    #: closed at each deadline, and each close locked its address out a
-    #: step further).  None otherwise.
+    #: when the last token it sent was one the gateway signed
+    #: (L{GENUINE_REFUSALS <openclaw.session.GENUINE_REFUSALS>}: expired,
+    #: replaced, not known here yet) and no guess came since: that close
+    #: is then no failed authentication either (a dashboard kept open
+    #: with the token a renewal replaced was closed at each deadline, and
+    #: each close locked its address out a step further).  None otherwise.
     genuine_refusal: str | None = None
-    #: Tokens of the gateway's own, expired or replaced, it sent in a row:
-    #: no failed authentications, but past MAX_AUTH_FAILURES it is closed
-    #: all the same (L{ControlPlane.too_many_stale}), not counted toward
-    #: the lockout, so that such a token (one from an old log or backup)
-    #: does not buy an unbounded run of refusals, each a log line.
+    #: Tokens of the gateway's own (expired, replaced, not known here yet)
+    #: it sent in a row: no failed authentications, but past
+    #: MAX_AUTH_FAILURES it is closed all the same
+    #: (L{ControlPlane.too_many_stale}), not counted toward the lockout,
+    #: so that such a token (one from an old log or backup) does not buy
+    #: an unbounded run of refusals, each a log line.
     stale_refusals: int = 0
 
 
@@ -412,10 +413,11 @@ class ControlPlane:
 
     def too_many_stale(self, connection: Connection) -> bool:
         """
-        Whether a connection has sent tokens of the gateway's own, expired
-        or replaced, MAX_AUTH_FAILURES times in a row and must be closed
-        (saying to reconnect with the current token), not counted toward
-        the lockout: no guess, but no client to serve either.
+        Whether a connection has sent tokens of the gateway's own (expired,
+        replaced, not known here yet) MAX_AUTH_FAILURES times in a row and
+        must be closed (saying what to do: L{_refusal_close_reason}), not
+        counted toward the lockout: no guess, but no client to serve
+        either.
         """
         return connection.stale_refusals >= self.max_auth_failures
 

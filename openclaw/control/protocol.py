@@ -465,8 +465,8 @@ class ControlProtocol(WebSocketServerProtocol):
         elif connection.stale_refusals and controlplane.too_many_stale(connection):
             who, fields = from_peer(connection.proxy)
             self.factory.events.warn(
-                "closing control connection " + who + ": {refusals} tokens of this gateway's, expired or replaced, "
-                "in a row: not counted toward the lockout (reason={reason})",
+                "closing control connection " + who + ": {refusals} tokens of this gateway's (expired, replaced "
+                "or not known here yet) in a row: not counted toward the lockout (reason={reason})",
                 peer=connection.peer,
                 refusals=connection.stale_refusals,
                 outcome="closed",
@@ -512,8 +512,9 @@ class ControlProtocol(WebSocketServerProtocol):
         if factory.metrics is not None:
             factory.metrics.refused_connection("auth_timeout")
         connection = self.connection
-        # Its last token one the gateway signed, expired or replaced: a
-        # client left behind by a rotation, no guesser (plane.Connection).
+        # Its last token one the gateway signed (expired, replaced, not
+        # known here yet): a client left behind by a rotation, or ahead of
+        # this instance, no guesser (plane.Connection).
         genuine = connection.genuine_refusal if connection is not None else None
         who, fields = from_peer(connection.proxy if connection is not None else None)
         factory.events.warn(
