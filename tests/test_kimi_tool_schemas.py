@@ -146,7 +146,8 @@ class MoonshotSchemaTests(SynchronousTestCase):
     def test_branch_types_and_edges(self) -> None:
         """
         A branch with a type of its own keeps the types both admit (review
-        s44: an integer branch under a string type admitted integers); an
+        s44: an integer branch under a string type admitted integers), and
+        goes when they share none; an
         C{allOf} that is not a list beside a C{$ref} is left for Moonshot
         (review s44: dropped); a tuple alone is rewritten (the fast path's
         marks); and the rewrite adds at most two levels, within what the
@@ -154,9 +155,16 @@ class MoonshotSchemaTests(SynchronousTestCase):
         """
         typed = {"type": "number", "anyOf": [{"type": "integer"}, {"type": ["number", "null"]}, {"type": "string"}]}
         sent = moonshot_parameters({"type": "object", "properties": {"n": typed}})
-        self.assertEqual(
-            sent["properties"]["n"], {"anyOf": [{"type": "integer"}, {"type": "number"}, {"type": "string"}]}
-        )
+        self.assertEqual(sent["properties"]["n"], {"anyOf": [{"type": "integer"}, {"type": "number"}]})
+        # A branch that shares no type with the anyOf's admits nothing
+        # there: kept with its own type, it widened the schema (recheck
+        # s44: strings went through an integer).  When none is left, the
+        # node goes as written.
+        wider = {"type": "integer", "anyOf": [{"type": "string"}, {"minimum": 3}]}
+        sent = moonshot_parameters({"type": "object", "properties": {"n": wider}})
+        self.assertEqual(sent["properties"]["n"], {"anyOf": [{"type": "integer", "minimum": 3}]})
+        empty = {"type": "integer", "anyOf": [{"type": "string"}, {"type": ["boolean", "null"]}]}
+        self.assertIs(moonshot_parameters({"type": "object", "properties": {"n": empty}})["properties"]["n"], empty)
         odd = {"$ref": "#/$defs/A", "type": "string", "allOf": {"minLength": 1}}
         self.assertIs(moonshot_parameters({"type": "object", "properties": {"a": odd}})["properties"]["a"], odd)
         tuple_only = {"type": "object", "properties": {"p": {"type": "array", "items": [{"type": "string"}]}}}

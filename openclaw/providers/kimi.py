@@ -409,17 +409,29 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
         # items instead of the parent schema" (MoonshotAI/kimi-cli #2531).
         # A $ref branch takes it beside an allOf of its reference (Moonshot
         # refuses a type beside a $ref); true admits what the type admits.
-        changed["anyOf"] = [_typed_branch(branch, kind) for branch in branches]
-        dropped.add("type")
+        # A branch whose own type shares none with it admits nothing
+        # there and is left out; when every branch is, the node is left
+        # as written (it admits nothing: Moonshot may judge it).
+        typed = [_typed_branch(branch, kind) for branch in branches]
+        kept_branches = [branch for branch in typed if branch is not _ADMITS_NOTHING]
+        if kept_branches:
+            changed["anyOf"] = kept_branches
+            dropped.add("type")
     if not changed:
         return node
     return {key: value for key, value in {**node, **changed}.items() if key not in dropped}
 
 
+#: What L{_typed_branch} gives for a branch that admits no value of the
+#: C{type} beside its C{anyOf}.
+_ADMITS_NOTHING = object()
+
+
 def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
     """
     A branch of an C{anyOf} with the C{type} that stood beside the
-    C{anyOf} (C{kind}), when it has none of its own: C{true} becomes that
+    C{anyOf} (C{kind}): a branch of its own type keeps the types both
+    admit, L{_ADMITS_NOTHING} when they share none; C{true} becomes that
     type alone, a C{$ref} (alone or with its C{description}) goes into an
     C{allOf} of one beside it.
     """
@@ -429,9 +441,12 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
         return branch
     own = branch.get("type")
     if own is not None:
-        # Both hold: the types both admit ("integer" is a "number").
         common = _common_types(kind, own)
-        return branch if common is None else {**branch, "type": common}
+        if common is None or common == own:
+            return branch
+        if not common:
+            return _ADMITS_NOTHING
+        return {**branch, "type": common}
     reference = branch.get("$ref")
     if isinstance(reference, str):
         # Its other siblings moved it into an allOf already (_moonshot_node).
@@ -443,10 +458,10 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
 def _common_types(outer: Any, inner: Any) -> str | list[str] | None:
     """
     The types a value of both C{outer} and C{inner} (each a JSON Schema
-    C{type}: a name or a list of them) may have, as C{inner} writes them
-    (a name when one); None when they are not names, when C{inner}'s are
-    all among them already, or when none is common (a branch that admits
-    nothing, left for Moonshot to judge).
+    C{type}: a name or a list of them) may have ("integer" is a
+    "number"), as C{inner} writes them: C{inner} itself when all its
+    types are among C{outer}'s, a name when one is common, else a list
+    (empty when none is); None when they are not names.
     """
     outer_types = [outer] if isinstance(outer, str) else outer
     inner_types = [inner] if isinstance(inner, str) else inner
@@ -458,8 +473,8 @@ def _common_types(outer: Any, inner: Any) -> str | list[str] | None:
             common.append(name)
         elif name == "number" and "integer" in outer_types:
             common.append("integer")
-    if not common or common == inner_types:
-        return None
+    if common == inner_types:
+        return inner_types[0] if isinstance(inner, str) else inner_types
     return common[0] if len(common) == 1 else common
 
 
@@ -467,12 +482,14 @@ def moonshot_schema(schema: Any) -> Any:
     """
     A schema (below a tool's root) as Moonshot's validator takes it, the
     same meaning: a C{type} beside C{anyOf} moved into each branch (a
-    branch of its own type keeps the types both admit; beside an
-    C{allOf} of a C{$ref} branch's reference); a list of C{items} (a
-    tuple, draft 4-2019) written as C{prefixItems} (2020-12); a C{$ref}
-    with keywords beside it but its C{description} moved into an
-    C{allOf} of one, its siblings kept beside it (L{_reference_in_all_of}).  C{schema} itself when nothing is to change (no copy),
-    else a changed copy; the caller's is never changed.  Anything else
+    branch of its own type keeps the types both admit, and is left out
+    when none is; beside an C{allOf} of a C{$ref} branch's reference); a
+    list of C{items} (a tuple, draft 4-2019) written as C{prefixItems}
+    (2020-12); a C{$ref} with keywords beside it but its C{description}
+    moved into an C{allOf} of one, its siblings kept beside it
+    (L{_reference_in_all_of}).  C{schema} itself when nothing is to
+    change (no copy), else a changed copy; the caller's is never
+    changed.  Anything else
     is left for Moonshot to judge (L{TOOL_SCHEMA_ADVICE} says what it
     refuses).
     """
