@@ -413,7 +413,8 @@ class SessionAuthority:
 
     def verify(self, presented: object) -> str:
         """
-        Check a presented token.  One with another C{jti} than the current
+        Check a presented token (whitespace around it ignored: a token
+        file's newline).  One with another C{jti} than the current
         token's is revoked when issued before it (its C{iat} no later), and
         not known here yet (L{NOT_KNOWN_YET}) when issued after it: a
         rotation elsewhere in the cluster this instance has not applied.
@@ -433,6 +434,12 @@ class SessionAuthority:
         return self._verify_slowly(presented, current)
 
     def _verify_slowly(self, presented: str, current: SessionToken) -> str:
+        stripped = presented.strip()
+        if stripped != presented:
+            # A token file's newline (or a copy's spaces) around it: a JWT
+            # holds no whitespace (RFC 7519 section 7.1), so the token is
+            # the rest, as HTTP strips the spaces around a header's value.
+            return self.verify(stripped)
         # PyJWT checks the signature (HS256 only: "none", HS512 and the rest
         # are refused), the issuer and that exp, iss and jti are there; the
         # expiry is judged here with the gateway's own clock, the one that

@@ -124,6 +124,17 @@ class VerifyTests(SynchronousTestCase):
     def test_current_token(self) -> None:
         self.assertEqual(self.authority.verify(self.issued.token), self.issued.jti)
 
+    def test_whitespace_around(self) -> None:
+        """
+        The token file's newline, sent along by a dashboard that read the
+        file, is no part of the token (recheck s44: it was an invalid
+        token, counted toward the lockout).
+        """
+        self.assertEqual(self.authority.verify(self.issued.token + "\n"), self.issued.jti)
+        self.assertEqual(self.authority.verify(" \t" + self.issued.token + "\r\n"), self.issued.jti)
+        self.assertRejected("\n", "missing token")
+        self.assertRejected(self.issued.token[:20] + " " + self.issued.token[20:], "invalid token")
+
     def test_missing(self) -> None:
         self.assertRejected(None, "missing token")
         self.assertRejected("", "missing token")
