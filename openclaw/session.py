@@ -92,6 +92,10 @@ NOT_KNOWN_YET = "token not known here yet"
 #: a renewal or a rotation (a dashboard, a second operator) must not lock
 #: every operator of its address out.
 GENUINE_REFUSALS = frozenset({EXPIRED, REVOKED, NOT_KNOWN_YET})
+#: What a client presenting a single gateway's own token, expired, is
+#: told: there is no other until a restart (a single gateway renews
+#: nothing; C{rotate_token} takes a token in force).
+OWN_TOKEN_EXPIRED_HINT = "it was this gateway's current token; restart the gateway for a new one"
 NOT_KNOWN_YET_HINT = "this instance has not heard of the cluster's latest rotation; retry in a moment"
 
 
@@ -429,7 +433,8 @@ class SessionAuthority:
             raise TokenRejected(INVALID)
         if presented.isascii() and hmac.compare_digest(presented, current.token):
             if self._clock() >= current.expires_at:
-                raise TokenRejected(EXPIRED)
+                # A cluster renews its token; a single gateway none.
+                raise TokenRejected(EXPIRED, "" if self._shared else OWN_TOKEN_EXPIRED_HINT)
             return current.jti
         return self._verify_slowly(presented, current)
 

@@ -582,7 +582,7 @@ class SingleGatewayTokenExpiry(TestCase):
     @inlineCallbacks
     def test_said_once_for_the_token_in_force(self):
         events = capture_log_events(self)
-        gateway = start_gateway(self, session_ttl_hours=2 / 3600)
+        gateway = start_gateway(self, session_ttl_hours=2 / 3600, auth_timeout_seconds=1)
         first = gateway.token
         client = yield open_client(self, gateway.port)
         rotated = yield client.ask(first, "rotate_token")
@@ -594,4 +594,12 @@ class SingleGatewayTokenExpiry(TestCase):
         self.assertIn(rotated["result"]["jti"], said[0])
         self.assertIn("rotate_token before the token expires", said[0])
         answer = yield client.ask(token, "ping")
-        self.assertEqual(answer["error"], "token expired")
+        told = "token expired: it was this gateway's current token; restart the gateway for a new one"
+        self.assertEqual(answer["error"], told)
+        # A new connection with it is closed at the deadline saying so, not
+        # sent back for "the current token", which is the same one.
+        other = yield open_client(self, gateway.port)
+        answer = yield other.ask(token, "ping")
+        self.assertEqual(answer["error"], told)
+        code, reason = yield other.closed
+        self.assertEqual((code, reason), (1008, told))

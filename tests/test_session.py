@@ -15,7 +15,14 @@ from pathlib import Path
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
-from openclaw.session import ISSUER, NOT_KNOWN_YET, SessionAuthority, TokenFileUnwritable, TokenRejected
+from openclaw.session import (
+    ISSUER,
+    NOT_KNOWN_YET,
+    OWN_TOKEN_EXPIRED_HINT,
+    SessionAuthority,
+    TokenFileUnwritable,
+    TokenRejected,
+)
 
 SECRET = b"k" * 32
 OTHER_SECRET = b"o" * 32
@@ -170,6 +177,25 @@ class VerifyTests(SynchronousTestCase):
         self.assertRejected(jwt.encode(self.claims(exp=int(NOW) - 1), SECRET, algorithm="HS256"), "token expired")
         self.clock.now = NOW + 3600
         self.assertRejected(self.issued.token, "token expired")
+
+    def test_own_token_expired(self) -> None:
+        """
+        A single gateway's own token, expired, is refused saying there is
+        no other until a restart (it renews nothing: "reconnect with the
+        current token" sent the client back to the same one); a cluster's
+        renews its own, so it says no more than the reason.
+        """
+        self.clock.now = NOW + 3600
+        with self.assertRaises(TokenRejected) as caught:
+            self.authority.verify(self.issued.token)
+        self.assertEqual(str(caught.exception), f"token expired: {OWN_TOKEN_EXPIRED_HINT}")
+        self.assertIn("restart the gateway", OWN_TOKEN_EXPIRED_HINT)
+        self.assertLessEqual(len(str(caught.exception).encode()), 123)
+        cluster = SessionAuthority(SECRET, 3600, clock=self.clock, shared=True)
+        cluster.adopt(self.issued)
+        with self.assertRaises(TokenRejected) as caught:
+            cluster.verify(self.issued.token)
+        self.assertEqual(str(caught.exception), "token expired")
 
     def test_other_jti(self) -> None:
         self.assertRejected(jwt.encode(self.claims(jti=str(uuid.uuid4())), SECRET, algorithm="HS256"), "token revoked")

@@ -35,7 +35,7 @@ from openclaw.control.commands import (
 )
 from openclaw.logs import STALE_TOKEN_FIELD
 from openclaw.metrics import INVALID, GatewayMetrics
-from openclaw.session import GENUINE_REFUSALS, MISSING, NOT_KNOWN_YET, SessionAuthority, TokenRejected
+from openclaw.session import GENUINE_REFUSALS, MISSING, SessionAuthority, TokenRejected
 
 
 def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
@@ -178,11 +178,13 @@ def _refusal_close_reason(rejected: TokenRejected) -> str:
     """
     What a connection whose last token was refused for a genuine reason
     (L{GENUINE_REFUSALS}) is told as it is closed at AUTH_TIMEOUT_SECONDS:
-    the refusal, and what to do (for C{token not known here yet}, its own
-    hint).  At most 123 bytes (RFC 6455 section 5.5).
+    the refusal, and what to do (the refusal's own hint when it has one:
+    C{token not known here yet}, a single gateway's own token expired).
+    At most 123 bytes (RFC 6455 section 5.5).
     """
-    if rejected.reason == NOT_KNOWN_YET:
-        return str(rejected)
+    told = str(rejected)
+    if told != rejected.reason:
+        return told
     return f"{rejected.reason}: reconnect with the current token (TOKEN_FILE, or the gateway's banner)"
 
 
