@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import IO, Any, NoReturn
 
 from twisted.application.service import MultiService, Service
@@ -239,6 +240,16 @@ class SequentialMultiService(MultiService):
                 self._log.failure("could not stop {service}", service=service, log_level=LogLevel.critical)
 
 
+#: What two gateways on the same setting both use, for the line that says
+#: a second one took its lock (L{HeldLocks.check_lock_files}).
+_LOCKED_FOR = MappingProxyType(
+    {
+        "STATE_DIR": "its consumers' database and state file",
+        "TOKEN_FILE": "the token file (each writes its own token there)",
+    }
+)
+
+
 class HeldLocks(Service):
     """
     What the gateway holds for its whole life, taken by C{twistd openclaw}
@@ -312,9 +323,11 @@ class HeldLocks(Service):
                 self._state_lock.record_pid()
         if self._writer is not None:
             self._writer.startService()
-        if self._clock is not None and (self._state_lock is not None or self._token_lock is not None):
+        if self._clock is not None:
             checking = self._checking = LoopingCall(
-                LoggedStep(self.check_lock_files, self._log, "the check that the lock files are in place")
+                LoggedStep(
+                    self.check_lock_files, self._log, "the check that the lock files and the token file are in place"
+                )
             )
             checking.clock = self._clock
             checking.start(FILES_CHECK_SECONDS, now=False)
@@ -331,7 +344,9 @@ class HeldLocks(Service):
         file now there, or its directory is gone), one critical line says
         what happened and what to do, and the next checks try again
         without saying it again.  Reactor thread (two C{stat} calls per
-        lock).
+        lock).  Then the token file: written again when it is gone
+        (L{SessionAuthority.restore_token_file}); an operator had no
+        token to read until a restart (hostile trial s45).
         """
         for lock, setting in ((self._state_lock, "STATE_DIR"), (self._token_lock, "TOKEN_FILE")):
             if lock is None:
@@ -347,13 +362,13 @@ class HeldLocks(Service):
                     holder = "another process" if e.pid is None else f"process {e.pid}"
                     self._log.critical(
                         "the lock file {path} of {setting} was {what} while the gateway ran, and {holder} holds the "
-                        "one there now: a second gateway started on the same {setting}, and both use it (the same "
-                        "consumers' database, token file): stop one of them (this one is pid {pid}), then restart "
-                        "the other",
+                        "one there now: a second gateway started on the same {setting}, and both use {shared}: "
+                        "stop one of them (this one is pid {pid}), then restart the other",
                         path=str(lock.path),
                         setting=setting,
                         what=what,
                         holder=holder,
+                        shared=_LOCKED_FOR[setting],
                         pid=os.getpid(),
                     )
             except OSError as e:
@@ -378,6 +393,7 @@ class HeldLocks(Service):
                     setting=setting,
                     what=what,
                 )
+        self._sessions.restore_token_file()
 
     def stopService(self) -> Deferred[None]:
         """

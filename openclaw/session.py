@@ -186,6 +186,10 @@ class SessionAuthority:
         #: token, or its own, and replaces it (O(1) however many adoptions
         #: wait; a list of them would make each rotation O(N)).
         self._written: bytes | None = None
+        #: A write of a token file gone (L{restore_token_file}) is under
+        #: way; the last one failed (and was said).
+        self._restoring = False
+        self._restore_failed = False
 
     @property
     def current(self) -> SessionToken:
@@ -480,6 +484,69 @@ class SessionAuthority:
         # Same jti and a good signature but not the same string: a token
         # re-encoded with other claims by someone holding the secret.
         raise TokenRejected(INVALID)
+
+    def restore_token_file(self) -> None:
+        """
+        Write the token file again when it is gone while the gateway runs
+        (an C{rm}, a cleaner of old files in C{/tmp} or C{/run}): with the
+        last token this gateway wrote to it (never an older one, whatever
+        rotation is under way), in the writer's thread; a warning says so.
+        Nothing when there is no token file, when this gateway never wrote
+        it, or when something is at its path.  A write that fails is said
+        once (warning) until one succeeds.  Reactor thread (one C{lstat}).
+        """
+        path, writer = self._token_file, self._writer
+        if path is None or self._written is None or self._restoring or _present(path):
+            return
+        self._restoring = True
+        write_file = writer.write_file if writer is not None else None
+
+        def job() -> str | None:
+            # In the writer's thread: _written is the last token written.
+            written = self._written
+            if written is None or _present(path):
+                return None
+            token = written.decode("ascii")
+            if write_file is None:
+                write_token_file(path, token)
+            else:
+                write_file(path, token + "\n")
+            return token
+
+        def restored(token: str | None) -> None:
+            self._restoring = False
+            self._restore_failed = False
+            if token is None:
+                return
+            current = self._current
+            self._log.warn(
+                "TOKEN_FILE {path} was removed while the gateway ran (an rm, a cleaner of old files in /tmp or "
+                "/run): written again with the current token (id {jti}); keep cleaners away from it",
+                path=str(path),
+                jti=current.jti if current is not None and current.token == token else "(the last written)",
+            )
+
+        def failed(reason: Failure) -> None:
+            self._restoring = False
+            if self._restore_failed or isinstance(reason.value, WriterStopped):
+                return
+            self._restore_failed = True
+            error = reason.value
+            self._log.warn(
+                "TOKEN_FILE {path} was removed while the gateway ran and cannot be written again ({error}): "
+                "operators have no token to read until it is; make its directory writable by the gateway's "
+                "user again (the gateway retries), or restart the gateway",
+                path=str(path),
+                error=(error.strerror or str(error)) if isinstance(error, OSError) else str(error),
+            )
+
+        if writer is None:
+            try:
+                restored(job())
+            except OSError:
+                failed(Failure())
+            return
+        writer.run(job, what=f"TOKEN_FILE {path}").addCallbacks(restored, failed)
 
     def discard_token_file(self) -> None:
         """

@@ -22,13 +22,13 @@ from twisted.internet.defer import fail, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.consumers.service import warn_rescued_copies
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
 from openclaw.files import FILES_CHECK_SECONDS, PidLock
 from openclaw.service import HeldLocks
-from tests.support import capture_log_events
+from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -350,3 +350,55 @@ class RescuedCopiesTests(SynchronousTestCase):
         self.assertIn("2 copies", line)
         self.assertIn(f"mv {directory}/openclaw.db.rescued-20261202T140000Z {database}", line)
         self.assertIn("holds 0 consumer(s)", line)
+
+
+class TokenFileRemovedTests(TestCase):
+    """
+    The token file removed while the gateway runs (a cleaner of /tmp or
+    /run) is written again with the current token within seconds (hostile
+    trial s45: it stayed gone, and an operator had no token to read until
+    a restart; the token is never logged).
+    """
+
+    timeout = 30
+
+    @inlineCallbacks
+    def wait_until(self, done: Any, seconds: float = FILES_CHECK_SECONDS * 3) -> Any:
+        for _ in range(int(seconds * 20)):
+            if done():
+                return
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.fail(f"not done within {seconds} s")
+
+    @inlineCallbacks
+    def test_written_again(self) -> Any:
+        events = capture_log_events(self)
+        directory = Path(self.mktemp())
+        directory.mkdir()
+        token_file = directory / "token"
+        gateway = start_gateway(self, token_file=token_file)
+        token_file.unlink()
+        yield self.wait_until(token_file.exists)
+        self.assertEqual(token_file.read_text(), gateway.token + "\n")
+        self.assertEqual(token_file.stat().st_mode & 0o777, 0o600)
+        [said] = _said(events, "was removed while the gateway ran (an rm")
+        self.assertEqual(said["log_level"], LogLevel.warn)
+        self.assertIn(gateway.service.sessions.current.jti, formatEvent(said))
+        # After a rotation, the new token; never an older one.
+        rotated = yield gateway.service.rotate_token()
+        token_file.unlink()
+        yield self.wait_until(token_file.exists)
+        self.assertEqual(token_file.read_text(), rotated.token + "\n")
+        # Its directory gone: said once, however many checks fail; written
+        # once the directory is back.
+        for name in directory.iterdir():
+            name.unlink()
+        directory.rmdir()
+        yield self.wait_until(lambda: _said(events, "cannot be written again"))
+        yield deferLater(reactor, FILES_CHECK_SECONDS * 1.5, lambda: None)
+        [failed] = _said(events, "cannot be written again")
+        self.assertIn("make its directory writable", formatEvent(failed))
+        directory.mkdir()
+        yield self.wait_until(token_file.exists)
+        self.assertEqual(token_file.read_text(), rotated.token + "\n")
+        self.assertEqual(self.flushLoggedErrors(), [])
