@@ -51,6 +51,15 @@ def from_peer(proxy: str | None) -> tuple[str, dict[str, str]]:
     return "from {peer} through proxy {proxy}", {"proxy": proxy}
 
 
+#: orjson's reasons for JSON it does not read, by their words, and what
+#: to send instead (L{unreadable_json}).
+_PAST_WHAT_IS_READ = (
+    ("depth limit", "nest at most 1024 levels"),
+    ("infinity", "keep numbers within a double's range"),
+    ("surrogate", "escape a character past U+FFFF as its whole surrogate pair"),
+)
+
+
 def unreadable_json(payload: bytes, error: orjson.JSONDecodeError) -> str:
     """
     What a message (C{payload}) that does not parse is told: not UTF-8
@@ -66,11 +75,9 @@ def unreadable_json(payload: bytes, error: orjson.JSONDecodeError) -> str:
     except UnicodeDecodeError as bad:
         return f"message is not UTF-8 (an invalid byte at offset {bad.start}): send JSON encoded as UTF-8"
     reason = str(error)
-    if "depth limit" in reason or "infinity" in reason or "surrogate" in reason:
-        return (
-            f"message is JSON past what the gateway reads ({reason}): nest at most 1024 levels, keep numbers "
-            "within a double's range, and escape a character past U+FFFF as its whole surrogate pair"
-        )
+    for words, advice in _PAST_WHAT_IS_READ:
+        if words in reason:
+            return f"message is JSON past what the gateway reads ({reason}): {advice}"
     return f"message is not valid JSON ({reason})"
 
 
