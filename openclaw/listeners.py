@@ -42,6 +42,16 @@ from openclaw.addresses import address_family, bind_address
 from openclaw.files import MAX_UNIX_PATH_BYTES, NotARegularFile, read_regular_file
 from openclaw.settings import Settings
 
+#: The listen backlog of the TCP listeners the gateway makes itself (the
+#: ports given as C{--port} and C{--api-port}, and the workers' shared
+#: ones): connections the kernel completes before the
+#: reactor accepts them.  Twisted's default, 50, overflowed under a
+#: flood of new connections, and a client whose handshake was dropped
+#: waited a second for its retry (hostile trial s45).  nginx's default on
+#: Linux; the kernel caps it at C{net.core.somaxconn}.  An endpoint
+#: string sets its own (C{backlog=}).
+LISTEN_BACKLOG = 511
+
 
 class CannotListen(SystemExit):
     """

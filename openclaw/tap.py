@@ -45,6 +45,7 @@ from openclaw.consumers.service import unusable_database_file
 from openclaw.consumers.store import remove_new_database, sqlite_path
 from openclaw.files import LockHeld, NotALockFile, PidLock, held_by_sticky_directory, named_uid
 from openclaw.listeners import (
+    LISTEN_BACKLOG,
     MAX_TLS_FILE_BYTES,
     CannotListen,
     Listener,
@@ -181,9 +182,9 @@ class Options(usage.Options):
 def tcp_endpoint_description(port: int, settings: Settings) -> str:
     """
     A listener on C{port} of the configured interface, as a Twisted endpoint
-    string.
+    string, with the gateway's backlog (L{LISTEN_BACKLOG}).
     """
-    return f"tcp:{port}:interface={quoteStringArgument(settings.interface)}"
+    return f"tcp:{port}:interface={quoteStringArgument(settings.interface)}:backlog={LISTEN_BACKLOG}"
 
 
 def makeService(

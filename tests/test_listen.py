@@ -18,6 +18,7 @@ import socket
 import ssl
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -45,7 +46,7 @@ from zope.interface import implementer
 
 from openclaw import tap
 from openclaw.dataplane.connection import CLOSE_DEADLINE_SECONDS, KEYLESS_HTTP2_MAX_BYTES
-from openclaw.listeners import CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
+from openclaw.listeners import LISTEN_BACKLOG, CannotListen, Listener, NamedEndpoint, check_free, lock_port, tcp_address
 from openclaw.logs import REFUSED_CONNECTION_LINES, make_observer
 from openclaw.service import GatewayService, StartRefused
 from openclaw.tap import Options, makeService
@@ -119,6 +120,34 @@ class ListenTests(TestCase):
         service.startService()
         self.addCleanup(service.stopService)
         return service
+
+    def test_backlog(self) -> None:
+        """
+        The ports the gateway makes itself listen with LISTEN_BACKLOG
+        (the queue of connections the kernel completed and the reactor has
+        not accepted yet; ss shows it as a listener's Send-Q), not
+        Twisted's 50, which a flood of new connections overflowed: a
+        client whose handshake was dropped waited a second for its retry
+        (hostile trial s45).  An endpoint string keeps its own.
+        """
+        if shutil.which("ss") is None:
+            raise SkipTest("ss (iproute2) is not installed")
+        port, api_port = free_port(), free_port()
+        options = Options()
+        listen = f"tcp:{port}:interface=127.0.0.1:backlog=7"
+        options.parseOptions(["--interface", "127.0.0.1", "--listen", listen, "--api-port", str(api_port)])
+        service = makeService(options, reactor, stdout=io.StringIO())
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def backlog(listening: int) -> int:
+            shown = subprocess.run(
+                ["ss", "-ltnH", f"sport = :{listening}"], capture_output=True, text=True, check=True
+            ).stdout.split()
+            return int(shown[2])
+
+        self.assertEqual(backlog(api_port), min(LISTEN_BACKLOG, somaxconn()))
+        self.assertEqual(backlog(port), 7)
 
     @inlineCallbacks
     def test_tls(self):
@@ -1887,3 +1916,10 @@ def h2_body_forever(port: int, ca: bytes) -> bool:
                     return True
             sock.sendall(connection.data_to_send())
         return False
+
+
+def somaxconn() -> int:
+    """
+    The kernel's cap on a listen backlog.
+    """
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())

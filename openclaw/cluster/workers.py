@@ -78,7 +78,7 @@ from zope.interface import implementer
 from openclaw import __version__
 from openclaw.addresses import address_family, bind_address
 from openclaw.cluster.scrape import WorkerSockets, ensure_socket_directory, remove_socket_directory
-from openclaw.listeners import CannotListen, Listener, PortTaken, lock_port
+from openclaw.listeners import LISTEN_BACKLOG, CannotListen, Listener, PortTaken, lock_port
 from openclaw.logs import offer_log_observer
 from openclaw.loops import LoggedStep
 from openclaw.reactors import IStoreReactor, ISupervisorReactor
@@ -327,7 +327,7 @@ class ReusePortEndpoint:
     reactor: IReactorSocket
     interface: str
     port: int
-    backlog: int = 50
+    backlog: int = LISTEN_BACKLOG
 
     def listen(self, protocolFactory: IProtocolFactory) -> Deferred[IListeningPort]:
         return execute(self._listen, protocolFactory)
