@@ -209,7 +209,9 @@ class MoonshotSchemaTests(SynchronousTestCase):
         self.assertEqual(
             sent["properties"]["a"], {"default": {"$ref": "#/definitions/A"}, "allOf": [{"$ref": "#/$defs/A"}]}
         )
-        self.assertEqual(sent["properties"]["t"]["additionalItems"], {"anyOf": [{"type": "x"}]})
+        # 2020-12 reads no additionalItems beside prefixItems: it goes as items.
+        self.assertEqual(sent["properties"]["t"]["items"], {"anyOf": [{"type": "x"}]})
+        self.assertNotIn("additionalItems", sent["properties"]["t"])
         self.assertEqual(sent["dependencies"]["a"]["properties"]["c"], {"anyOf": [{"type": "string"}]})
         self.assertEqual(sent["dependencies"]["b"], ["a"])
         clash = {**both, "definitions": {"B": {"type": "string"}}}
@@ -301,3 +303,79 @@ class KimiToolSchemaTests(DataPlaneTestCase):
         self.assertIn("moonshot flavored json schema", error["message"])
         self.assertIn("give every property a type", error["message"])
         self.assertIn("at the root, no anyOf", error["message"])
+
+
+class MoonshotSchemaMeaningTests(SynchronousTestCase):
+    """
+    The rewrite never admits more than the schema as written (s45-agents).
+    """
+
+    def test_tuple_closed(self) -> None:
+        """
+        A tuple closed by C{additionalItems: false} stays closed: C{maxItems}.
+        """
+        sent = moonshot_parameters(
+            {
+                "type": "object",
+                "properties": {"p": {"type": "array", "items": [{"type": "number"}] * 2, "additionalItems": False}},
+            }
+        )
+        self.assertEqual(
+            sent["properties"]["p"], {"type": "array", "prefixItems": [{"type": "number"}] * 2, "maxItems": 2}
+        )
+
+    def test_tuple_closed_keeps_smaller_max(self) -> None:
+        sent = moonshot_parameters(
+            {
+                "type": "object",
+                "properties": {"p": {"type": "array", "items": [{}, {}], "additionalItems": False, "maxItems": 1}},
+            }
+        )
+        self.assertEqual(sent["properties"]["p"]["maxItems"], 1)
+
+    def test_tuple_open_and_draft(self) -> None:
+        """
+        An C{additionalItems} schema goes as C{items} (2020-12's), C{true}
+        is left out; a C{$schema} of an older draft goes as 2020-12's once
+        the rewrite writes its keywords (a draft 7 tuple read as draft 7
+        had no tuple left), and stays when it writes none.
+        """
+        draft7 = "http://json-schema.org/draft-07/schema#"
+        sent = moonshot_parameters(
+            {
+                "$schema": draft7,
+                "type": "object",
+                "properties": {
+                    "p": {"type": "array", "items": [{"type": "number"}], "additionalItems": {"type": "string"}},
+                    "q": {"type": "array", "items": [{"type": "number"}], "additionalItems": True},
+                },
+            }
+        )
+        self.assertEqual(
+            sent["properties"]["p"], {"type": "array", "prefixItems": [{"type": "number"}], "items": {"type": "string"}}
+        )
+        self.assertEqual(sent["properties"]["q"], {"type": "array", "prefixItems": [{"type": "number"}]})
+        self.assertEqual(sent["$schema"], "https://json-schema.org/draft/2020-12/schema")
+        plain = {"$schema": draft7, "type": "object", "properties": {"a": {"type": "string", "anyOf": [{}]}}}
+        self.assertEqual(moonshot_parameters(plain)["$schema"], draft7)
+
+    def test_nested_any_of(self) -> None:
+        """
+        A type beside an anyOf one of whose branches is an anyOf goes into
+        the inner branches, not beside the inner anyOf.
+        """
+        sent = moonshot_parameters(
+            {
+                "type": "object",
+                "properties": {
+                    "w": {
+                        "type": "string",
+                        "anyOf": [{"anyOf": [{"format": "date"}, {"type": "integer"}]}, {"const": "now"}],
+                    }
+                },
+            }
+        )
+        self.assertEqual(
+            sent["properties"]["w"],
+            {"anyOf": [{"anyOf": [{"type": "string", "format": "date"}]}, {"type": "string", "const": "now"}]},
+        )

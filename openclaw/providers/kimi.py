@@ -343,6 +343,9 @@ _DEFS_REF = "#/$defs/"
 #: type should be defined in the referenced schema instead of the parent
 #: schema", the same report).
 _BESIDE_REF = frozenset({"$ref", "description"})
+#: The C{$schema} of the draft the rewrite writes in (C{$defs},
+#: C{prefixItems}), for parameters that named an older one.
+DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 #: What may tell a schema's parameters need no rewriting: none of these in
 #: their JSON (orjson writes no spaces), only the root's type to check.
 _REWRITTEN = (b'"anyOf"', b'"items":[', b'"definitions"', b'"$ref"')
@@ -398,11 +401,29 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
     items = node.get("items")
     if isinstance(items, list):
         # Draft 4-2019's tuple, as 2020-12 writes it (Moonshot: "items
-        # must be an object"; vercel/ai #18921).  An additionalItems
-        # beside it is left as written.
+        # must be an object"; vercel/ai #18921).
         before = node.get("prefixItems")
-        changed["prefixItems"] = [*(before if isinstance(before, list) else ()), *items]
+        prefix = [*(before if isinstance(before, list) else ()), *items]
+        changed["prefixItems"] = prefix
         dropped.add("items")
+        # 2020-12 reads no additionalItems beside prefixItems (left, the
+        # tuple admitted any items past its own: agent trial s45): it
+        # goes as 2020-12 says it, false as a maxItems (items: false is
+        # a boolean schema, which Moonshot refuses), a schema as items.
+        extra = node.get("additionalItems")
+        if extra is False:
+            limit = node.get("maxItems")
+            if isinstance(limit, int | float) and not isinstance(limit, bool):
+                changed["maxItems"] = min(limit, len(prefix))
+            else:
+                changed["maxItems"] = len(prefix)
+            dropped.add("additionalItems")
+        elif isinstance(extra, dict):
+            changed["items"] = extra
+            dropped.discard("items")
+            dropped.add("additionalItems")
+        elif extra is True:
+            dropped.add("additionalItems")
     kind, branches = node.get("type"), node.get("anyOf")
     if isinstance(kind, (str, list)) and isinstance(branches, list):
         # Moonshot: "when using anyOf, type should be defined in anyOf
@@ -431,9 +452,10 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
     """
     A branch of an C{anyOf} with the C{type} that stood beside the
     C{anyOf} (C{kind}): a branch of its own type keeps the types both
-    admit, L{_ADMITS_NOTHING} when they share none; C{true} becomes that
-    type alone, a C{$ref} (alone or with its C{description}) goes into an
-    C{allOf} of one beside it.
+    admit, L{_ADMITS_NOTHING} when they share none; a branch that is an
+    C{anyOf} itself passes it on to its own branches; C{true} becomes
+    that type alone, a C{$ref} (alone or with its C{description}) goes
+    into an C{allOf} of one beside it.
     """
     if branch is True:
         return {"type": kind}
@@ -447,6 +469,13 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
         if not common:
             return _ADMITS_NOTHING
         return {**branch, "type": common}
+    nested = branch.get("anyOf")
+    if isinstance(nested, list) and "$ref" not in branch:
+        # An anyOf of its own: the type goes into its branches, as
+        # Moonshot refuses it beside that anyOf too (agent trial s45).
+        inner = [_typed_branch(item, kind) for item in nested]
+        kept = [item for item in inner if item is not _ADMITS_NOTHING]
+        return {**branch, "anyOf": kept} if kept else _ADMITS_NOTHING
     reference = branch.get("$ref")
     if isinstance(reference, str):
         # Its other siblings moved it into an allOf already (_moonshot_node).
@@ -506,8 +535,10 @@ def moonshot_parameters(parameters: Any) -> Any:
     must be \"object\""), its C{definitions} (draft 7) as C{$defs}, their
     references with them (Moonshot's references must start with
     C{#/$defs/}: CommandCodeAI/command-code #594; merged into C{$defs}
-    when both are there and no name is in both), and a C{$ref} (a
-    recursive Pydantic model's) in an C{allOf} of one.  A root C{anyOf}
+    when both are there and no name is in both), a C{$ref} (a
+    recursive Pydantic model's) in an C{allOf} of one, and a C{$schema}
+    of an older draft as 2020-12's once C{$defs} or C{prefixItems} are
+    written.  A root C{anyOf}
     is left for Moonshot to judge (some of its models refuse a root
     without C{"type": "object"}, MiqroForge-Desktop #1165, and it refuses
     one beside C{anyOf}): its refusal says what to do.
@@ -533,6 +564,11 @@ def moonshot_parameters(parameters: Any) -> Any:
     if isinstance(reference, str):
         # Beside its type and its $defs at least: in an allOf of one.
         root = _reference_in_all_of(root, _renamed(reference) if rename else reference) or root
+    declared = root.get("$schema")
+    if isinstance(declared, str) and "2020-12" not in declared and (rename or b'"items":[' in encoded):
+        # It now says $defs and prefixItems, which an older draft reads
+        # as no keywords at all (agent trial s45: a draft 7 tuple).
+        root = {**root, "$schema": DRAFT_2020_12}
     return root
 
 
