@@ -126,22 +126,50 @@ class BodyEncodingTests(DataPlaneTestCase):
     def test_body_not_utf8(self):
         """
         Latin-1 text in a body: a 400 that says the body must be UTF-8,
-        not the JSON parser's "surrogates not allowed"; a gzip body sent
-        without C{Content-Encoding} gets the same.
+        not the JSON parser's "surrogates not allowed"; a gzip or zstd
+        body sent without C{Content-Encoding} is told it looks compressed
+        (agent trial s45: told to encode it as UTF-8).
         """
         gateway = self.gateway()
         latin1 = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
-        for path, data, offset in (
-            (CHAT, latin1, latin1.index(b"\xe9")),
-            (EMBEDDINGS, b'{"input": "caf\xe9"}', 14),
-            (CHAT, gzip.compress(json.dumps(BODIES[CHAT]).encode()), 1),
+        utf8 = "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8"
+        compressed = "it looks {}-compressed, without a Content-Encoding saying so: send the JSON uncompressed"
+        for path, data, offset, advice in (
+            (CHAT, latin1, latin1.index(b"\xe9"), utf8),
+            (EMBEDDINGS, b'{"input": "caf\xe9"}', 14, utf8),
+            (CHAT, gzip.compress(json.dumps(BODIES[CHAT]).encode()), 1, compressed.format("gzip")),
+            (CHAT, b"\x28\xb5\x2f\xfd\x20\x00\x01\x00\x00", 1, compressed.format("zstd")),
         ):
             response, text = yield self.send(gateway, path, data)
             self.assertEqual(response.code, 400, (path, text))
             message = self.assertOpenAIError(text, "invalid_json")["message"]
             self.assertIn(f"it is not UTF-8 (an invalid byte at offset {offset})", message)
-            self.assertIn("JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8", message)
+            self.assertTrue(message.endswith(advice), message)
             self.assertNotIn("surrogates", message)
+        self.assertEqual(self.upstream_requests(), 0)
+
+    @inlineCallbacks
+    def test_nan_and_infinity(self):
+        """
+        NaN and Infinity, which Python's json.dumps writes by default, are
+        no JSON: a 400 that names them and says what to send (agent trial
+        s45: "unexpected character" alone).  The same words in a string
+        are no such value.
+        """
+        gateway = self.gateway()
+        for data in (
+            b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+            b'{"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": -Infinity}}',
+            b'{"input": ["hi"], "dimensions": Infinity}',
+        ):
+            path = EMBEDDINGS if b"input" in data else CHAT
+            response, text = yield self.send(gateway, path, data)
+            self.assertEqual(response.code, 400, (path, text))
+            message = self.assertOpenAIError(text, "invalid_json")["message"]
+            self.assertIn("it holds NaN or Infinity, which JSON has no number for", message)
+            self.assertIn("allow_nan=False", message)
+        response, text = yield self.send(gateway, CHAT, b'{"messages": [{"content": "NaN"}], x}')
+        self.assertNotIn("NaN or Infinity", self.assertOpenAIError(text, "invalid_json")["message"])
         self.assertEqual(self.upstream_requests(), 0)
 
     @inlineCallbacks

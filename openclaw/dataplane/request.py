@@ -640,9 +640,15 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
         try:
             raw.decode("utf-8")
         except UnicodeDecodeError as bad:
+            compressed = _COMPRESSED.get(raw[:4]) or _COMPRESSED.get(raw[:2])
             raise bad_request(
                 f"the request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {bad.start}); "
-                "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8",
+                + (
+                    f"it looks {compressed}-compressed, without a Content-Encoding saying so: send the JSON "
+                    "uncompressed"
+                    if compressed
+                    else "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8"
+                ),
                 code="invalid_json",
             ) from None
         if "depth limit" in str(e):
@@ -670,10 +676,25 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
                 "whose range ends near 1.8e308; send every number within it (no field takes more)",
                 code="invalid_json",
             ) from None
+        if raw.decode("utf-8")[e.pos : e.pos + 8].startswith(("NaN", "Infinity")):
+            # JavaScript's and Python's non-numbers, where a value begins
+            # (-Infinity: at its sign's digit).
+            raise bad_request(
+                f"the request body is not valid JSON ({e}): it holds NaN or Infinity, which JSON has no "
+                "number for (RFC 8259 section 6); send a number or null there (Python's json.dumps writes "
+                "them unless given allow_nan=False)",
+                code="invalid_json",
+            ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
+
+
+#: A body's first bytes that tell a compression format (gzip, RFC 1952;
+#: zstd, RFC 8878), for the refusal of a compressed body sent without a
+#: C{Content-Encoding}.
+_COMPRESSED = MappingProxyType({b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"})
 
 
 def content_codings(fields: Iterable[bytes]) -> list[bytes]:
