@@ -669,6 +669,16 @@ class OpenAICodeTests(DataPlaneTestCase):
                 "invalid_type",
             ),
             ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", "missing_required_parameter"),
+            (
+                {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "strict": "yes"}}},
+                "response_format.json_schema.strict",
+                "invalid_type",
+            ),
+            (
+                {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "description": 5}}},
+                "response_format.json_schema.description",
+                "invalid_type",
+            ),
             ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "integer_above_max_value"),
             ({"logprobs": "yes"}, "logprobs", "invalid_type"),
             ({"reasoning_effort": "extreme"}, "reasoning_effort", "invalid_value"),

@@ -2016,6 +2016,22 @@ def _check_response_format(response_format: Any) -> None:
             "response_format.json_schema.schema must be a JSON Schema object",
             param="response_format.json_schema.schema",
         )
+    # As a function tool's (agent trial s45: a strict of "yes" went on to
+    # Kimi as written, and Gemini dropped a description of 5).
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise bad_request(
+            "response_format.json_schema.strict must be true or false",
+            param="response_format.json_schema.strict",
+            code=INVALID_TYPE,
+        )
+    description = spec.get("description")
+    if description is not None and not isinstance(description, str):
+        raise bad_request(
+            "response_format.json_schema.description must be a string",
+            param="response_format.json_schema.description",
+            code=INVALID_TYPE,
+        )
     if nests_too_deep(spec.get("schema")):
         raise value_too_deep("response_format.json_schema.schema")
 
