@@ -241,7 +241,7 @@ class SequentialMultiService(MultiService):
 
 
 #: What two gateways on the same setting both use, for the line that says
-#: a second one took its lock (L{HeldLocks.check_lock_files}).
+#: a second one took its lock (L{HeldLocks.check_files}).
 _LOCKED_FOR = MappingProxyType(
     {
         "STATE_DIR": "its consumers' database and state file",
@@ -294,7 +294,7 @@ class HeldLocks(Service):
             this service; L{None}: none.
         @param token_lock: the lock of C{TOKEN_FILE} the session authority
             holds (and lets go of), watched here with C{state_lock}
-            (L{check_lock_files}); L{None}: none.
+            (L{check_files}); L{None}: none.
         @param clock: runs the check of the lock files every
             L{FILES_CHECK_SECONDS} while started; L{None}: never run.
         """
@@ -325,14 +325,12 @@ class HeldLocks(Service):
             self._writer.startService()
         if self._clock is not None:
             checking = self._checking = LoopingCall(
-                LoggedStep(
-                    self.check_lock_files, self._log, "the check that the lock files and the token file are in place"
-                )
+                LoggedStep(self.check_files, self._log, "the check that the lock files and the token file are in place")
             )
             checking.clock = self._clock
             checking.start(FILES_CHECK_SECONDS, now=False)
 
-    def check_lock_files(self) -> None:
+    def check_files(self) -> None:
         """
         Check that the lock files held (C{STATE_DIR}'s, C{TOKEN_FILE}'s)
         are still at their paths (L{PidLock.displaced}): one removed (an

@@ -182,10 +182,16 @@ class SessionAuthority:
         #: L{None}: what the file holds, unless someone else wrote it
         #: since.  Written by L{adopt} at start-up, then only by
         #: L{adopt_later}'s jobs, in the writer's thread (one at a time),
-        #: and read there: a job finds the file holding it, or the current
+        #: and read there (and on the reactor thread, only to tell whether
+        #: it is still None: L{restore_token_file}): a job finds the file holding it, or the current
         #: token, or its own, and replaces it (O(1) however many adoptions
         #: wait; a list of them would make each rotation O(N)).
         self._written: bytes | None = None
+        #: The last token (ASCII) adopted with a token file, written to it
+        #: or not (the file was another's then): what it should hold, and
+        #: what L{restore_token_file} writes.  Writer's thread, as
+        #: C{_written}.
+        self._adopted: bytes | None = None
         #: A write of a token file gone (L{restore_token_file}) is under
         #: way; the last one failed (and was said).
         self._restoring = False
@@ -280,6 +286,7 @@ class SessionAuthority:
                     why=foreign,
                     jti=issued.jti,
                 )
+            self._adopted = issued.token.encode("ascii")
         self._current = issued
 
     def adopt_later(self, issued: SessionToken) -> Deferred[None]:
@@ -336,6 +343,7 @@ class SessionAuthority:
                 except OSError as e:
                     raise TokenFileUnwritable(path, e) from None
                 self._written = issued.token.encode("ascii")
+            self._adopted = issued.token.encode("ascii")
             return foreign, unnamed
 
         def written(outcome: tuple[str | None, OSError | None]) -> None:
@@ -443,7 +451,7 @@ class SessionAuthority:
         return self._verify_slowly(presented, current)
 
     def _verify_slowly(self, presented: str, current: SessionToken) -> str:
-        stripped = presented.strip()
+        stripped = presented.strip(" \t\r\n")
         if stripped != presented:
             # A token file's newline (or a copy's spaces) around it: a JWT
             # holds no whitespace (RFC 7519 section 7.1), so the token is
@@ -503,14 +511,15 @@ class SessionAuthority:
 
         def job() -> str | None:
             # In the writer's thread: _written is the last token written.
-            written = self._written
-            if written is None or _present(path):
+            adopted = self._adopted
+            if adopted is None or _present(path):
                 return None
-            token = written.decode("ascii")
+            token = adopted.decode("ascii")
             if write_file is None:
                 write_token_file(path, token)
             else:
                 write_file(path, token + "\n")
+            self._written = adopted
             return token
 
         def restored(token: str | None) -> None:
@@ -534,8 +543,8 @@ class SessionAuthority:
             error = reason.value
             self._log.warn(
                 "TOKEN_FILE {path} was removed while the gateway ran and cannot be written again ({error}): "
-                "operators have no token to read until it is; make its directory writable by the gateway's "
-                "user again (the gateway retries), or restart the gateway",
+                "operators have no token to read until it is; make its directory again, writable by the gateway's "
+                "user: the gateway writes it at its next check (a restart before then is refused)",
                 path=str(path),
                 error=(error.strerror or str(error)) if isinstance(error, OSError) else str(error),
             )

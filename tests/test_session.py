@@ -356,3 +356,18 @@ class TokenFileTests(SynchronousTestCase):
         self.authority.discard_token_file()
         self.assertFalse(self.path.exists())
         self.authority.discard_token_file()
+
+
+class TokenWhitespaceTests(SynchronousTestCase):
+    def test_only_ascii_whitespace(self) -> None:
+        """
+        Only what a file's newline and HTTP's optional whitespace are (SP,
+        HTAB, CR, LF) is ignored around a token (review s45: str.strip()
+        dropped U+0085, U+00A0, U+2028, U+3000 and more).
+        """
+        authority = SessionAuthority(SECRET, 3600, clock=Clock())
+        issued = authority.issue()
+        self.assertEqual(authority.verify(" \t" + issued.token + "\r\n"), issued.jti)
+        for odd in ("\x1c", "\x85", "\u00a0", "\u2028", "\u3000"):
+            with self.assertRaises(TokenRejected):
+                authority.verify(odd + issued.token + odd)

@@ -28,6 +28,8 @@ from openclaw.consumers.service import warn_rescued_copies
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
 from openclaw.files import FILES_CHECK_SECONDS, PidLock
 from openclaw.service import HeldLocks
+from openclaw.session import SessionAuthority
+from openclaw.writer import FileWriter
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO
@@ -253,7 +255,7 @@ class UsageHeldUntilLoadedTests(GatewayCase):
 class LockFilesTests(SynchronousTestCase):
     """
     The lock files of STATE_DIR and TOKEN_FILE removed or replaced while
-    the gateway holds them (L{HeldLocks.check_lock_files}).
+    the gateway holds them (L{HeldLocks.check_files}).
     """
 
     def setUp(self) -> None:
@@ -268,7 +270,7 @@ class LockFilesTests(SynchronousTestCase):
         self.held = HeldLocks(sessions, self.state_lock, (), Logger(), token_lock=self.token_lock)
 
     def test_in_place(self) -> None:
-        self.held.check_lock_files()
+        self.held.check_files()
         self.assertEqual(self.events, [])
 
     def test_removed_is_made_again(self) -> None:
@@ -278,7 +280,7 @@ class LockFilesTests(SynchronousTestCase):
         """
         self.state_lock.path.unlink()
         self.assertEqual(self.state_lock.displaced(), "removed")
-        self.held.check_lock_files()
+        self.held.check_files()
         [said] = self.events
         self.assertEqual(said["log_level"], LogLevel.warn)
         line = formatEvent(said)
@@ -287,7 +289,7 @@ class LockFilesTests(SynchronousTestCase):
         self.assertEqual(self.state_lock.path.read_text(), f"{os.getpid()}\n")
         self.assertIsNone(self.state_lock.displaced())
         self.assertRaises(Exception, PidLock.acquire, self.state_lock.path)
-        self.held.check_lock_files()
+        self.held.check_files()
         self.assertEqual(len(self.events), 1)
 
     def test_taken_by_another(self) -> None:
@@ -298,8 +300,8 @@ class LockFilesTests(SynchronousTestCase):
         self.token_lock.path.unlink()
         other = PidLock.acquire(self.token_lock.path)
         self.addCleanup(other.release)
-        self.held.check_lock_files()
-        self.held.check_lock_files()
+        self.held.check_files()
+        self.held.check_files()
         [said] = self.events
         self.assertEqual(said["log_level"], LogLevel.critical)
         line = formatEvent(said)
@@ -315,14 +317,14 @@ class LockFilesTests(SynchronousTestCase):
         for name in self.dir.iterdir():
             name.unlink()
         self.dir.rmdir()
-        self.held.check_lock_files()
-        self.held.check_lock_files()
+        self.held.check_files()
+        self.held.check_files()
         self.assertEqual([e["log_level"] for e in self.events], [LogLevel.critical, LogLevel.critical])
         line = formatEvent(self.events[0])
         self.assertIn("was removed while the gateway ran, and cannot be made again", line)
         self.assertIn("a second gateway may now start on the same STATE_DIR", line)
         self.dir.mkdir()
-        self.held.check_lock_files()
+        self.held.check_files()
         self.assertEqual([e["log_level"] for e in self.events[2:]], [LogLevel.warn, LogLevel.warn])
         self.assertTrue(self.state_lock.path.exists())
 
@@ -397,8 +399,75 @@ class TokenFileRemovedTests(TestCase):
         yield self.wait_until(lambda: _said(events, "cannot be written again"))
         yield deferLater(reactor, FILES_CHECK_SECONDS * 1.5, lambda: None)
         [failed] = _said(events, "cannot be written again")
-        self.assertIn("make its directory writable", formatEvent(failed))
+        self.assertIn("make its directory again", formatEvent(failed))
         directory.mkdir()
         yield self.wait_until(token_file.exists)
         self.assertEqual(token_file.read_text(), rotated.token + "\n")
         self.assertEqual(self.flushLoggedErrors(), [])
+
+
+class RestoreTokenFileTests(TestCase):
+    """
+    L{SessionAuthority.restore_token_file} on its own, with and without a
+    file writer (review s45).
+    """
+
+    def authority(self, writer: FileWriter | None = None) -> tuple[SessionAuthority, Path]:
+        path = Path(self.mktemp())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        authority = SessionAuthority(b"s" * 32, 3600, token_file=path, writer=writer)
+        authority.issue()
+        return authority, path
+
+    def test_current_token_after_a_foreign_file(self) -> None:
+        """
+        A rotation that found TOKEN_FILE holding another's content made its
+        token current without writing it; the file then removed, the
+        restore wrote the token before it, which the gateway refuses as
+        revoked.  It writes the current one.
+        """
+        authority, path = self.authority()
+        path.write_text("another gateway's token\n")
+        authority.adopt_later(authority.mint())
+        current = authority.current
+        path.unlink()
+        authority.restore_token_file()
+        self.assertEqual(path.read_text(), current.token + "\n")
+        self.assertEqual(authority.verify(path.read_text()), current.jti)
+
+    def test_one_job_at_a_time(self) -> None:
+        writer = FileWriter(reactor)  # not started: its jobs wait
+        self.addCleanup(writer.stopService)
+        authority, path = self.authority(writer)
+        path.unlink()
+        authority.restore_token_file()
+        authority.restore_token_file()
+        self.assertEqual(writer.pending, 1)
+
+    @inlineCallbacks
+    def test_job_looks_again(self) -> Any:
+        """
+        A file put at the path between the check and the write is kept.
+        """
+        writer = FileWriter(reactor)
+        self.addCleanup(writer.stopService)
+        authority, path = self.authority(writer)
+        path.unlink()
+        authority.restore_token_file()
+        path.write_text("an operator's own\n")
+        writer.startService()
+        yield writer.run(lambda: None)
+        self.assertEqual(path.read_text(), "an operator's own\n")
+
+    def test_stop_says_nothing(self) -> None:
+        """
+        A restore the stop dropped before it began is no failure to say.
+        """
+        events = capture_log_events(self)
+        writer = FileWriter(reactor)
+        authority, path = self.authority(writer)
+        path.unlink()
+        authority.restore_token_file()
+        writer.close()
+        self.assertEqual(_said(events, "cannot be written again"), [])
+        self.assertFalse(path.exists())

@@ -638,7 +638,7 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
             if encoded:
                 raise unsupported_content_encoding(encoded) from None
         try:
-            raw.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as bad:
             compressed = _COMPRESSED.get(raw[:4]) or _COMPRESSED.get(raw[:2])
             raise bad_request(
@@ -676,7 +676,7 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
                 "whose range ends near 1.8e308; send every number within it (no field takes more)",
                 code="invalid_json",
             ) from None
-        if raw.decode("utf-8")[e.pos : e.pos + 8].startswith(("NaN", "Infinity")):
+        if text[e.pos : e.pos + 8].startswith(("NaN", "Infinity")):
             # JavaScript's and Python's non-numbers, where a value begins
             # (-Infinity: at its sign's digit).
             raise bad_request(
@@ -2018,20 +2018,8 @@ def _check_response_format(response_format: Any) -> None:
         )
     # As a function tool's (agent trial s45: a strict of "yes" went on to
     # Kimi as written, and Gemini dropped a description of 5).
-    strict = spec.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise bad_request(
-            "response_format.json_schema.strict must be true or false",
-            param="response_format.json_schema.strict",
-            code=INVALID_TYPE,
-        )
-    description = spec.get("description")
-    if description is not None and not isinstance(description, str):
-        raise bad_request(
-            "response_format.json_schema.description must be a string",
-            param="response_format.json_schema.description",
-            code=INVALID_TYPE,
-        )
+    _bool("response_format.json_schema.strict", spec.get("strict"))
+    string_field("response_format.json_schema.description", spec.get("description"))
     if nests_too_deep(spec.get("schema")):
         raise value_too_deep("response_format.json_schema.schema")
 

@@ -329,9 +329,10 @@ TOOL_SCHEMA_ADVICE = (
     'property given as true or {} has none), make the parameters an object ("type": "object"), keep a $ref local '
     "(#/$defs/...); at the root, no anyOf (Moonshot refuses a type beside it, and some "
     "of its models a root without one): give the alternatives as properties, or as tools of their own.  The "
-    "gateway already moves a type given beside a nested anyOf into its branches, a $ref's siblings beside an "
-    "allOf of it, an items list into prefixItems and definitions into $defs, and gives a root without a type "
-    '"object".  A schema Gemini took may be refused here'
+    "gateway already moves a type given beside a nested anyOf into its branches (not when it shares no type "
+    "with any of them: such a property admits no value; fix its types), a $ref's siblings beside an allOf of "
+    'it, an items list into prefixItems and definitions into $defs, and gives a root without a type "object".  '
+    "A schema Gemini took may be refused here"
 )
 #: How a draft 7 reference to one of the root's C{definitions} begins,
 #: and the same under 2020-12's C{$defs}, the only one Moonshot takes.
@@ -343,9 +344,6 @@ _DEFS_REF = "#/$defs/"
 #: type should be defined in the referenced schema instead of the parent
 #: schema", the same report).
 _BESIDE_REF = frozenset({"$ref", "description"})
-#: The C{$schema} of the draft the rewrite writes in (C{$defs},
-#: C{prefixItems}), for parameters that named an older one.
-DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 #: What may tell a schema's parameters need no rewriting: none of these in
 #: their JSON (orjson writes no spaces), only the root's type to check.
 _REWRITTEN = (b'"anyOf"', b'"items":[', b'"definitions"', b'"$ref"')
@@ -470,7 +468,7 @@ def _typed_branch(branch: Any, kind: str | list[Any]) -> Any:
             return _ADMITS_NOTHING
         return {**branch, "type": common}
     nested = branch.get("anyOf")
-    if isinstance(nested, list) and "$ref" not in branch:
+    if isinstance(nested, list):
         # An anyOf of its own: the type goes into its branches, as
         # Moonshot refuses it beside that anyOf too (agent trial s45).
         inner = [_typed_branch(item, kind) for item in nested]
@@ -536,9 +534,11 @@ def moonshot_parameters(parameters: Any) -> Any:
     references with them (Moonshot's references must start with
     C{#/$defs/}: CommandCodeAI/command-code #594; merged into C{$defs}
     when both are there and no name is in both), a C{$ref} (a
-    recursive Pydantic model's) in an C{allOf} of one, and a C{$schema}
-    of an older draft as 2020-12's once C{$defs} or C{prefixItems} are
-    written.  A root C{anyOf}
+    recursive Pydantic model's) in an C{allOf} of one.  A C{$schema} is
+    left as written: Moonshot reads its own flavour, which takes
+    2020-12's C{$defs} and C{prefixItems} whatever draft it names (and
+    relabelled, an older draft's C{dependencies} or boolean
+    C{exclusiveMaximum} would mean less).  A root C{anyOf}
     is left for Moonshot to judge (some of its models refuse a root
     without C{"type": "object"}, MiqroForge-Desktop #1165, and it refuses
     one beside C{anyOf}): its refusal says what to do.
@@ -564,11 +564,6 @@ def moonshot_parameters(parameters: Any) -> Any:
     if isinstance(reference, str):
         # Beside its type and its $defs at least: in an allOf of one.
         root = _reference_in_all_of(root, _renamed(reference) if rename else reference) or root
-    declared = root.get("$schema")
-    if isinstance(declared, str) and "2020-12" not in declared and (rename or b'"items":[' in encoded):
-        # It now says $defs and prefixItems, which an older draft reads
-        # as no keywords at all (agent trial s45: a draft 7 tuple).
-        root = {**root, "$schema": DRAFT_2020_12}
     return root
 
 
