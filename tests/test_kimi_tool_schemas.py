@@ -163,6 +163,11 @@ class MoonshotSchemaTests(SynchronousTestCase):
         wider = {"type": "integer", "anyOf": [{"type": "string"}, {"minimum": 3}]}
         sent = moonshot_parameters({"type": "object", "properties": {"n": wider}})
         self.assertEqual(sent["properties"]["n"], {"anyOf": [{"type": "integer", "minimum": 3}]})
+        # Each type name once (recheck s45: ["integer", "integer"], which
+        # JSON Schema refuses).
+        twice = {"type": "integer", "anyOf": [{"type": ["number", "integer"]}, {"type": "string"}]}
+        sent = moonshot_parameters({"type": "object", "properties": {"n": twice}})
+        self.assertEqual(sent["properties"]["n"], {"anyOf": [{"type": "integer"}]})
         empty = {"type": "integer", "anyOf": [{"type": "string"}, {"type": ["boolean", "null"]}]}
         self.assertIs(moonshot_parameters({"type": "object", "properties": {"n": empty}})["properties"]["n"], empty)
         odd = {"$ref": "#/$defs/A", "type": "string", "allOf": {"minLength": 1}}

@@ -494,12 +494,18 @@ def _common_types(outer: Any, inner: Any) -> str | list[str] | None:
     inner_types = [inner] if isinstance(inner, str) else inner
     if not isinstance(inner_types, list) or not all(isinstance(t, str) for t in (*outer_types, *inner_types)):
         return None
-    common = []
+    common: list[str] = []
     for name in inner_types:
         if name in outer_types or (name == "integer" and "number" in outer_types):
-            common.append(name)
+            kept = name
         elif name == "number" and "integer" in outer_types:
-            common.append("integer")
+            kept = "integer"
+        else:
+            continue
+        if kept not in common:
+            # Each name once (2020-12 section 6.1.1): a number branch and
+            # an integer one under an integer type are one integer.
+            common.append(kept)
     if common == inner_types:
         return inner_types[0] if isinstance(inner, str) else inner_types
     return common[0] if len(common) == 1 else common
