@@ -25,6 +25,8 @@ from twisted.python.failure import Failure
 
 from openclaw.deferreds import shielded
 from openclaw.files import NotARegularFile, PidLock, kind_of, named_uid, read_regular_file, write_atomically
+from openclaw.settings.errors import ConfigError
+from openclaw.settings.permissions import check_token_directory
 from openclaw.timefmt import isoformat
 from openclaw.writer import FileWriter, WriterStopped
 
@@ -514,6 +516,9 @@ class SessionAuthority:
             adopted = self._adopted
             if adopted is None or _present(path):
                 return None
+            # Its directory made again as start-up would refuse it (one
+            # others may write: they could replace the token; recheck s45).
+            check_token_directory(path, f"TOKEN_FILE {str(path)!r}")
             token = adopted.decode("ascii")
             if write_file is None:
                 write_token_file(path, token)
@@ -541,6 +546,14 @@ class SessionAuthority:
                 return
             self._restore_failed = True
             error = reason.value
+            if isinstance(error, ConfigError):
+                self._log.warn(
+                    "TOKEN_FILE {path} was removed while the gateway ran and is not written again: {error}; the "
+                    "gateway writes it at its next check after",
+                    path=str(path),
+                    error=str(error),
+                )
+                return
             self._log.warn(
                 "TOKEN_FILE {path} was removed while the gateway ran and cannot be written again ({error}): "
                 "operators have no token to read until it is; make its directory again, writable by the gateway's "
@@ -552,7 +565,7 @@ class SessionAuthority:
         if writer is None:
             try:
                 restored(job())
-            except OSError:
+            except (OSError, ConfigError):
                 failed(Failure())
             return
         writer.run(job, what=f"TOKEN_FILE {path}").addCallbacks(restored, failed)

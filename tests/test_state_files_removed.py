@@ -435,6 +435,25 @@ class RestoreTokenFileTests(TestCase):
         self.assertEqual(path.read_text(), current.token + "\n")
         self.assertEqual(authority.verify(path.read_text()), current.jti)
 
+    def test_directory_others_may_write(self) -> None:
+        """
+        Its directory made again so that others may write it, as start-up
+        refuses: not written there (they could replace the token: recheck
+        s45), said once with the fix; written once the directory is fixed.
+        """
+        events = capture_log_events(self)
+        authority, path = self.authority()
+        path.unlink()
+        path.parent.chmod(0o777)
+        authority.restore_token_file()
+        authority.restore_token_file()
+        self.assertFalse(path.exists())
+        [said] = _said(events, "is not written again")
+        self.assertIn("chmod go-w", formatEvent(said))
+        path.parent.chmod(0o700)
+        authority.restore_token_file()
+        self.assertEqual(path.read_text(), authority.current.token + "\n")
+
     def test_one_job_at_a_time(self) -> None:
         writer = FileWriter(reactor)  # not started: its jobs wait
         self.addCleanup(writer.stopService)
