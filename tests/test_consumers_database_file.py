@@ -78,6 +78,10 @@ class UnusableDatabaseTests(TestCase):
         self.assertIn("(file is not a database)", line)
         self.assertIn("corrupt or not a SQLite database", line)
         self.assertIn("restore it from a backup", line)
+        # A failing disk reads as corrupt too: checked before a restore
+        # throws a good file away (consumers trial s45).
+        self.assertIn("PRAGMA integrity_check", line)
+        self.assertIn("dmesg", line)
         self.assertNotIn("STATE_DIR is writable", line)
         self.assertEqual(self.flushLoggedErrors(), [])
 

@@ -498,8 +498,10 @@ def database_error(reason: Failure) -> str:
 
 _UNWRITABLE = "check that STATE_DIR and the database in it are readable and writable by the gateway's user"
 _DAMAGED = (
-    "the file is corrupt or not a SQLite database: stop the gateway, move it (and its -wal and -shm files) "
-    "aside, and restore it from a backup (without one, the gateway makes a new, empty database: "
+    "the file is corrupt or not a SQLite database, or the disk failed to read it (SQLite says corrupt "
+    "after an I/O error too: see dmesg); fix the disk first, then check the file with sqlite3 FILE "
+    "'PRAGMA integrity_check', and only when it is not ok: stop the gateway, move it (and its -wal and -shm "
+    "files) aside, and restore it from a backup (without one, the gateway makes a new, empty database: "
     "the consumers and their usage are gone)"
 )
 
