@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from typing import Any
 
 import openai
@@ -133,12 +134,13 @@ class BodyEncodingTests(DataPlaneTestCase):
         gateway = self.gateway()
         latin1 = b'{"messages": [{"role": "user", "content": "caf\xe9"}]}'
         utf8 = "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8"
-        compressed = "it looks {}-compressed, without a Content-Encoding saying so: send the JSON uncompressed"
+        compressed = "it looks {}-compressed, which the gateway does not read: send the JSON uncompressed"
         for path, data, offset, advice in (
             (CHAT, latin1, latin1.index(b"\xe9"), utf8),
             (EMBEDDINGS, b'{"input": "caf\xe9"}', 14, utf8),
             (CHAT, gzip.compress(json.dumps(BODIES[CHAT]).encode()), 1, compressed.format("gzip")),
             (CHAT, b"\x28\xb5\x2f\xfd\x20\x00\x01\x00\x00", 1, compressed.format("zstd")),
+            (CHAT, zlib.compress(json.dumps(BODIES[CHAT]).encode()), 1, compressed.format("deflate")),
         ):
             response, text = yield self.send(gateway, path, data)
             self.assertEqual(response.code, 400, (path, text))

@@ -404,6 +404,21 @@ class ControlPlaneTests(SynchronousTestCase):
         self.assertTrue(answer["error"].startswith("message is not valid JSON ("), answer)
         self.assertIn("(char 1)", answer["error"])
 
+    def test_nan(self) -> None:
+        """
+        NaN and Infinity are named, as on the data plane (recheck s45).
+        """
+        for payload in (b'{"cmd": "ping", "data": {"n": NaN}}', b'{"cmd": "ping", "data": {"n": -Infinity}}'):
+            error = self.send(payload)["error"]
+            self.assertTrue(error.startswith("message is not valid JSON ("), error)
+            self.assertTrue(
+                error.endswith(
+                    "it holds NaN or Infinity, which JSON has no number for "
+                    "(RFC 8259 section 6); send a number or null there"
+                ),
+                error,
+            )
+
     def test_json_past_what_is_read(self) -> None:
         """
         JSON orjson does not read (too deep, a number past a double, a lone

@@ -71,13 +71,18 @@ def unreadable_json(payload: bytes, error: orjson.JSONDecodeError) -> str:
     by their words, which the tests pin.
     """
     try:
-        payload.decode("utf-8")
+        text = payload.decode("utf-8")
     except UnicodeDecodeError as bad:
         return f"message is not UTF-8 (an invalid byte at offset {bad.start}): send JSON encoded as UTF-8"
     reason = str(error)
     for words, advice in _PAST_WHAT_IS_READ:
         if words in reason:
             return f"message is JSON past what the gateway reads ({reason}): {advice}"
+    if text[error.pos : error.pos + 8].startswith(("NaN", "Infinity")):
+        return (
+            f"message is not valid JSON ({reason}): it holds NaN or Infinity, which JSON has no number for "
+            "(RFC 8259 section 6); send a number or null there"
+        )
     return f"message is not valid JSON ({reason})"
 
 

@@ -644,8 +644,7 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
             raise bad_request(
                 f"the request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {bad.start}); "
                 + (
-                    f"it looks {compressed}-compressed, without a Content-Encoding saying so: send the JSON "
-                    "uncompressed"
+                    f"it looks {compressed}-compressed, which the gateway does not read: send the JSON uncompressed"
                     if compressed
                     else "JSON must be sent as UTF-8 (RFC 8259 section 8.1): encode the body as UTF-8"
                 ),
@@ -692,9 +691,19 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
 
 
 #: A body's first bytes that tell a compression format (gzip, RFC 1952;
-#: zstd, RFC 8878), for the refusal of a compressed body sent without a
-#: C{Content-Encoding}.
-_COMPRESSED = MappingProxyType({b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"})
+#: zstd, RFC 8878; zlib, RFC 1950), for the refusal of a compressed body
+#: sent without a C{Content-Encoding} (or with C{identity}).
+_COMPRESSED = MappingProxyType(
+    {
+        b"\x1f\x8b": "gzip",
+        b"\x28\xb5\x2f\xfd": "zstd",
+        # zlib's header (RFC 1950), as HTTP's deflate is sent: each level's.
+        b"\x78\x01": "deflate",
+        b"\x78\x5e": "deflate",
+        b"\x78\x9c": "deflate",
+        b"\x78\xda": "deflate",
+    }
+)
 
 
 def content_codings(fields: Iterable[bytes]) -> list[bytes]:
