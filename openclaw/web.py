@@ -59,3 +59,29 @@ def head_or_body(request: IRequest, body: bytes) -> bytes:
 
 
 __all__ = ["REASON_PHRASES", "head_or_body", "reason_phrase", "status_line"]
+
+
+#: A body's first bytes that tell its compression (gzip, RFC 1952; zstd,
+#: RFC 8878; zlib, RFC 1950, as HTTP's deflate is sent, at each level),
+#: by the content coding's name (L{compression_of}).
+_COMPRESSED = MappingProxyType(
+    {
+        b"\x1f\x8b": "gzip",
+        b"\x28\xb5\x2f\xfd": "zstd",
+        b"\x78\x01": "deflate",
+        b"\x78\x5e": "deflate",
+        b"\x78\x9c": "deflate",
+        b"\x78\xda": "deflate",
+    }
+)
+
+
+def compression_of(body: bytes) -> str | None:
+    """
+    The content coding (C{"gzip"}, C{"zstd"}, C{"deflate"}) C{body} looks
+    compressed with, by its first bytes, or None: for the refusal of a
+    body that does not parse, sent compressed without a
+    C{Content-Encoding} naming it (a client's, or a provider's that
+    compressed an answer the gateway did not ask compressed).
+    """
+    return _COMPRESSED.get(body[:4]) or _COMPRESSED.get(body[:2])

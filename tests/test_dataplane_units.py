@@ -6,8 +6,10 @@ ways, the SSE decoder, request checking, routing and key checking.
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import time
+import zlib
 from typing import Any
 
 import orjson
@@ -321,6 +323,20 @@ class WireTests(SynchronousTestCase):
         self.assertIs(OpenAIWire().completion(answer, "m", 0).body, answer)
         for bad in (b"nope", b"[]", b"{}"):
             self.assertRaises(MalformedAnswer, OpenAIWire().completion, bad, "m", 0)
+
+    def test_compressed_answer(self) -> None:
+        """
+        An answer compressed unasked (the gateway sends no Accept-Encoding)
+        is said so, not only "not JSON" (hostile trial s45: a gzip bomb).
+        """
+        for wire in (OpenAIWire(), GeminiWire()):
+            for body, coding in ((gzip.compress(b"{}"), "gzip"), (zlib.compress(b"{}"), "deflate")):
+                with self.assertRaises(MalformedAnswer) as caught:
+                    wire.completion(body, "m", 0)
+                self.assertEqual(
+                    str(caught.exception),
+                    f"the answer is not JSON (it looks {coding}-compressed, which the gateway did not ask for)",
+                )
 
     def test_openai_stream(self) -> None:
         stream = OpenAIWire().stream(parse_chat_request(b'{"messages": [{"role": "user", "content": "x"}]}'), "m", 0)

@@ -39,6 +39,7 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.routing import Route, model_refusal
 from openclaw.shorten import shortened
+from openclaw.web import compression_of
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
 #: "function" (legacy) is rewritten as "tool".
@@ -640,7 +641,7 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as bad:
-            compressed = _COMPRESSED.get(raw[:4]) or _COMPRESSED.get(raw[:2])
+            compressed = compression_of(raw)
             raise bad_request(
                 f"the request body is not valid JSON: it is not UTF-8 (an invalid byte at offset {bad.start}); "
                 + (
@@ -688,22 +689,6 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body
-
-
-#: A body's first bytes that tell a compression format (gzip, RFC 1952;
-#: zstd, RFC 8878; zlib, RFC 1950), for the refusal of a compressed body
-#: sent without a C{Content-Encoding} (or with C{identity}).
-_COMPRESSED = MappingProxyType(
-    {
-        b"\x1f\x8b": "gzip",
-        b"\x28\xb5\x2f\xfd": "zstd",
-        # zlib's header (RFC 1950), as HTTP's deflate is sent: each level's.
-        b"\x78\x01": "deflate",
-        b"\x78\x5e": "deflate",
-        b"\x78\x9c": "deflate",
-        b"\x78\xda": "deflate",
-    }
-)
 
 
 def content_codings(fields: Iterable[bytes]) -> list[bytes]:

@@ -37,6 +37,7 @@ from openclaw.dataplane.request import (
 from openclaw.dataplane.sse import Event
 from openclaw.providers.errors import MAX_MESSAGE_CHARS, clip
 from openclaw.shorten import shortened
+from openclaw.web import compression_of
 
 #: The longest media type a 400 names back whole.
 SHOWN_TYPE_CHARS = 64
@@ -569,7 +570,15 @@ def json_object(body: bytes) -> dict[str, Any]:
     try:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
-        raise MalformedAnswer("the answer is not JSON") from None
+        compressed = compression_of(body)
+        # The gateway asks for no compression (no Accept-Encoding): a
+        # provider (or a proxy before it) that compressed all the same
+        # is said so (hostile trial s45: a gzip bomb read as "not JSON").
+        raise MalformedAnswer(
+            f"the answer is not JSON (it looks {compressed}-compressed, which the gateway did not ask for)"
+            if compressed
+            else "the answer is not JSON"
+        ) from None
     if not isinstance(document, dict):
         raise MalformedAnswer("the answer is not a JSON object")
     return document
