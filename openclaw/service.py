@@ -791,7 +791,12 @@ class GatewayService(SequentialMultiService):
         # its pool of connections made (its threads) when the consumers
         # start (L{ConsumersService}).
         self.consumer_store = ConsumerStore.open(
-            settings.database_url, settings.state_dir, reactor, check_file=False, start=False
+            settings.database_url,
+            settings.state_dir,
+            reactor,
+            check_file=False,
+            start=False,
+            role=f"cluster {settings.cluster_name}" if settings.redis_url else "standalone",
         )
         self._redis: RedisStore | None = None
         shared: SharedCounters | None = None

@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 
 from openclaw.consumers.shared import SharedConsumers
 from openclaw.consumers.store import (
+    APPLICATION_PREFIX,
     DATABASE_FILE_LOST,
     DATABASE_RESCUED,
     RESCUED_INFIX,
@@ -255,6 +256,50 @@ def usage_purger(
     return purger
 
 
+def check_sharing(store: ConsumerStore, where: str, log: Logger) -> Deferred[None]:
+    """
+    Say, in one critical line, which other gateways use the same
+    PostgreSQL database as this one where they must not
+    (L{ConsumerStore.gateways_sharing}): a gateway without C{REDIS_URL}
+    beside any other, or instances of other clusters.  Each loads the
+    consumers and keys once and hears of no change the others make: a key
+    revoked on one is still served by the other until it restarts
+    (consumers trial s45).  Said by the gateway that starts second, whose
+    connections find the first's; fires with L{None}, never fails (a
+    failed read is logged, at warn).
+
+    @param where: the database, as the operator knows it (for the log).
+    """
+
+    def checked(others: list[str]) -> None:
+        if others:
+            log.critical(
+                "the consumers' database {where} is used by other gateways as well: {others} (their PostgreSQL "
+                "connections' application_name), where {role}; each holds its own copy of the consumers and "
+                "keys, so a key revoked or a consumer changed on one is still served the old way by the "
+                "others until they restart: give each gateway (or each cluster) its own DATABASE_URL, or "
+                "make them one cluster (the same REDIS_URL and CLUSTER_NAME)",
+                where=where,
+                others=", ".join(others),
+                role=(
+                    "this gateway, without REDIS_URL, shares it with no other"
+                    if (store.application_name or "").startswith(APPLICATION_PREFIX + "standalone ")
+                    else "a cluster shares it with no gateway outside it"
+                ),
+            )
+
+    def failed(reason: Failure) -> None:
+        log_database_failure(
+            log,
+            "could not check which other gateways use the consumers' database {where} ({error}): {advice}",
+            reason,
+            LogLevel.warn,
+            where=where,
+        )
+
+    return maybeDeferred(store.gateways_sharing).addCallbacks(checked, failed)
+
+
 def check_usage_dates(store: ConsumerStore, clock: IReactorTime, where: str, log: Logger) -> Deferred[None]:
     """
     Warn once when usage rows are dated more than L{CLOCK_STEP_SECONDS}
@@ -422,6 +467,7 @@ class ConsumersService(Service):
             if not self.ready.called:
                 self.ready.callback(None)
             check_usage_dates(self._store, self._reactor, where, self._log)
+            check_sharing(self._store, where, self._log)
             if not settings.database_url:
                 warn_rescued_copies(sqlite_path(settings.state_dir), len(self._table.consumers), self._log)
 

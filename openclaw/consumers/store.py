@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import os
 import re
+import socket
 import sqlite3
 import stat
 import threading
@@ -144,6 +145,47 @@ POSTGRES_DEFAULTS: Mapping[str, str] = MappingProxyType(
         "tcp_user_timeout": "30000",
     }
 )
+
+
+#: What C{application_name} of the gateway's PostgreSQL connections
+#: begins with (L{gateway_application_name}), as C{pg_stat_activity}
+#: shows it to the others on the same database.
+APPLICATION_PREFIX = "openclaw "
+
+
+def gateway_application_name(role: str) -> str:
+    """
+    The C{application_name} of this process's PostgreSQL connections:
+    L{APPLICATION_PREFIX}, C{role} (C{"standalone"}, or C{"cluster
+    NAME"}: L{sharing_conflicts}), and the host and pid that tell this
+    process's own connections from the others' (at most 63 bytes, what
+    PostgreSQL keeps: NAMEDATALEN - 1).
+    """
+    return f"{APPLICATION_PREFIX}{role} {socket.gethostname()}:{os.getpid()}".encode()[:63].decode(errors="ignore")
+
+
+def sharing_conflicts(own: str, others: Sequence[str]) -> list[str]:
+    """
+    Which of C{others} (the C{application_name} of the connections to the
+    same database, L{gateway_application_name}'s) are another gateway's
+    that must not share it with C{own}'s: any other gateway's for a
+    standalone one (each loads the consumers once and hears of no change
+    the other makes: a key revoked on one still works on the other), and
+    for an instance of a cluster, any gateway not of its cluster (the
+    instances of one tell each other their changes through Redis).
+    Sorted, each once.
+    """
+    role, _, process = own.removeprefix(APPLICATION_PREFIX).rpartition(" ")
+    found = set()
+    for name in others:
+        if not name.startswith(APPLICATION_PREFIX):
+            continue
+        their_role, _, their_process = name.removeprefix(APPLICATION_PREFIX).rpartition(" ")
+        if their_process == process:
+            continue
+        if role == "standalone" or their_role != role:
+            found.add(name)
+    return sorted(found)
 
 
 def postgres_conninfo(database_url: str) -> str:
@@ -674,6 +716,10 @@ class ConsumerStore:
         #: The SQLite database's path, whose file L{check_file} watches
         #: (L{open}'s; L{None}: none watched, PostgreSQL).
         self.database_path: Path | None = None
+        #: On PostgreSQL, the C{application_name} of this process's
+        #: connections (L{gateway_application_name}, once the pool is
+        #: made: L{open}'s C{role}); L{None}: they are not named so.
+        self.application_name: str | None = None
         #: The files of the SQLite database the pool's connection opened
         #: (the database, and its C{-wal} and C{-shm} once seen) and their
         #: C{stat}; read and written on the pool's only thread
@@ -731,6 +777,7 @@ class ConsumerStore:
         bounds: CommandBounds = CommandBounds(),
         check_file: bool = True,
         start: bool = True,
+        role: str | None = None,
     ) -> ConsumerStore:
         """
         The store C{DATABASE_URL} names (C{postgresql://...}), else SQLite
@@ -744,17 +791,28 @@ class ConsumerStore:
             threads start once the reactor runs); C{False}: nothing is
             made, or asked of the reactor, until L{start} (the gateway's,
             when its consumers start: L{openclaw.consumers.service.ConsumersService}).
+        @param role: on PostgreSQL, the gateway's role on the database
+            (L{gateway_application_name}): its connections are named by
+            it, when C{DATABASE_URL} names them not, once the pool is made
+            (this process's pid then: a daemon's, not its parent's), in
+            L{application_name}; L{None}: not named.
         @raise UnusableDatabaseFile: that SQLite file cannot be used
             (L{sqlite_file}; only with C{check_file}).
         """
         make: Callable[[], adbapi.ConnectionPool]
         if database_url:
             conninfo = postgres_conninfo(database_url)
+            named = role is not None and "application_name" not in conninfo_to_dict(database_url)
 
             def make() -> adbapi.ConnectionPool:
+                if named:
+                    assert role is not None
+                    store.application_name = gateway_application_name(role)
                 pool = _DaemonPool(
                     "psycopg",
-                    conninfo=conninfo,
+                    conninfo=conninfo
+                    if store.application_name is None
+                    else make_conninfo(conninfo, application_name=store.application_name),
                     # No server-side prepared statements: behind a pooler in
                     # transaction mode (PgBouncer before 1.21) the next
                     # transaction may run on another server connection
@@ -1442,6 +1500,28 @@ class ConsumerStore:
         # name by an earlier version) are never read: they go too.
         cursor.execute("DELETE FROM spend WHERE consumer NOT IN (SELECT name FROM consumers)")
         return purged
+
+    def gateways_sharing(self) -> Deferred[list[str]]:
+        """
+        On PostgreSQL with named connections (L{application_name}), the
+        other gateways' connections to the same database that must not
+        share it with this one (L{sharing_conflicts}: their
+        C{application_name}s, from C{pg_stat_activity}, which shows every
+        role's); none elsewhere.
+        """
+        own = self.application_name
+        if own is None or self.dialect != "postgresql":
+            return succeed([])
+
+        def read(cursor: Any) -> list[str]:
+            cursor.execute(
+                "SELECT DISTINCT application_name FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name LIKE %s",
+                (APPLICATION_PREFIX + "%",),
+            )
+            return sharing_conflicts(own, [row[0] for row in cursor.fetchall()])
+
+        return self._interact(read)
 
     def usage(
         self,

@@ -1,0 +1,97 @@
+"""
+Gateways that must not share a PostgreSQL database (a gateway without
+REDIS_URL beside any other, instances of different clusters) are said so
+at start, by the one that starts second (consumers trial s45: a key
+revoked on a cluster was still served by a gateway outside it on the same
+DATABASE_URL, until that one restarted, and nothing said why).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import psycopg
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from openclaw.consumers.store import gateway_application_name, sharing_conflicts
+from tests.postgres_server import postgres_database
+from tests.test_consumers import GatewayCase
+
+SHARING = "is used by other gateways as well"
+
+
+class SharingConflictsTests(SynchronousTestCase):
+    def test_rules(self) -> None:
+        own = "openclaw standalone host-a:100"
+        others = [
+            own,
+            "openclaw standalone host-a:200",
+            "openclaw cluster c1 host-b:7",
+            "psql",
+            "openclaw standalone host-a:200",
+        ]
+        self.assertEqual(
+            sharing_conflicts(own, others), ["openclaw cluster c1 host-b:7", "openclaw standalone host-a:200"]
+        )
+        member = "openclaw cluster c1 host-a:100"
+        self.assertEqual(
+            sharing_conflicts(
+                member,
+                [member, "openclaw cluster c1 host-b:7", "openclaw cluster c2 host-c:8", "openclaw standalone h:1"],
+            ),
+            ["openclaw cluster c2 host-c:8", "openclaw standalone h:1"],
+        )
+
+    def test_name(self) -> None:
+        name = gateway_application_name("cluster " + "x" * 100)
+        self.assertTrue(name.startswith("openclaw cluster xxx"))
+        self.assertLessEqual(len(name.encode()), 63)
+
+
+class SharedDatabaseTests(GatewayCase):
+    def setUp(self) -> None:
+        self.database = postgres_database()
+        super().setUp()
+
+    def other_gateway(self, role: str) -> None:
+        """
+        Another gateway's connection to the same database, as it names it.
+        """
+        assert self.database is not None
+        connection = psycopg.connect(self.database, application_name=f"openclaw {role} elsewhere:4242")
+        self.addCleanup(connection.close)
+
+    @inlineCallbacks
+    def said(self) -> Any:
+        for _ in range(40):
+            found = [e for e in self.events if SHARING in e.get("log_format", "")]
+            if found:
+                return found
+            yield deferLater(reactor, 0.05, lambda: None)
+        return []
+
+    @inlineCallbacks
+    def test_standalone_beside_another(self) -> Any:
+        self.other_gateway("cluster main")
+        yield self.gateway()
+        [said] = yield self.said()
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        line = formatEvent(said)
+        self.assertIn("openclaw cluster main elsewhere:4242", line)
+        self.assertIn("without REDIS_URL, shares it with no other", line)
+        self.assertIn("give each gateway (or each cluster) its own DATABASE_URL", line)
+
+    @inlineCallbacks
+    def test_alone(self) -> Any:
+        """
+        Its own connections, and other programs', are no other gateway's.
+        """
+        with contextlib.closing(psycopg.connect(str(self.database), application_name="psql")):
+            yield self.gateway()
+            said = yield self.said()
+        self.assertEqual(said, [])
