@@ -8,6 +8,7 @@ earlier token worthless, because its C{jti} is no longer the current one.
 
 from __future__ import annotations
 
+import errno
 import hmac
 import os
 import re
@@ -195,9 +196,10 @@ class SessionAuthority:
         #: C{_written}.
         self._adopted: bytes | None = None
         #: A write of a token file gone (L{restore_token_file}) is under
-        #: way; the last one failed (and was said).
+        #: way; the cause of the last one's failure (said once per cause),
+        #: or None.
         self._restoring = False
-        self._restore_failed = False
+        self._restore_failed: str | None = None
 
     @property
     def current(self) -> SessionToken:
@@ -340,6 +342,14 @@ class SessionAuthority:
             written = self._written
             foreign = self._judge_token_file(path, mine if written is None else (*mine, written), first)
             if foreign is None:
+                if not first:
+                    # Its directory made again since start-up as start-up
+                    # would refuse it (others may write it): not written
+                    # there, as the restorer does not (recheck s45).
+                    try:
+                        check_token_directory(path, f"TOKEN_FILE {str(path)!r}")
+                    except ConfigError as e:
+                        raise TokenFileUnwritable(path, OSError(errno.EACCES, str(e))) from None
                 try:
                     write_file(path, issued.token + "\n")
                 except OSError as e:
@@ -529,7 +539,7 @@ class SessionAuthority:
 
         def restored(token: str | None) -> None:
             self._restoring = False
-            self._restore_failed = False
+            self._restore_failed = None
             if token is None:
                 return
             current = self._current
@@ -542,10 +552,15 @@ class SessionAuthority:
 
         def failed(reason: Failure) -> None:
             self._restoring = False
-            if self._restore_failed or isinstance(reason.value, WriterStopped):
-                return
-            self._restore_failed = True
             error = reason.value
+            if isinstance(error, WriterStopped):
+                return
+            # Said once per cause: a directory gone, then made again so that
+            # others may write it, is a new cause with its own fix.
+            cause = f"errno {error.errno}" if isinstance(error, OSError) else str(error)
+            if self._restore_failed == cause:
+                return
+            self._restore_failed = cause
             if isinstance(error, ConfigError):
                 self._log.warn(
                     "TOKEN_FILE {path} was removed while the gateway ran and is not written again: {error}; the "

@@ -361,6 +361,21 @@ class MoonshotSchemaMeaningTests(SynchronousTestCase):
         self.assertEqual(sent["properties"]["q"], {"type": "array", "prefixItems": [{"type": "number"}]})
         self.assertEqual(sent["$schema"], draft7)
 
+    def test_empty_tuple(self) -> None:
+        """
+        An empty tuple goes without C{prefixItems}, which 2020-12 wants
+        non-empty (recheck s45): C{additionalItems} says it all.
+        """
+        for extra, sent in (
+            (False, {"type": "array", "maxItems": 0}),
+            ({"type": "string"}, {"type": "array", "items": {"type": "string"}}),
+        ):
+            parameters = {
+                "type": "object",
+                "properties": {"p": {"type": "array", "items": [], "additionalItems": extra}},
+            }
+            self.assertEqual(moonshot_parameters(parameters)["properties"]["p"], sent)
+
     def test_nested_any_of(self) -> None:
         """
         A type beside an anyOf one of whose branches is an anyOf goes into

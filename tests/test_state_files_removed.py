@@ -28,7 +28,7 @@ from openclaw.consumers.service import warn_rescued_copies
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
 from openclaw.files import FILES_CHECK_SECONDS, PidLock
 from openclaw.service import HeldLocks
-from openclaw.session import SessionAuthority
+from openclaw.session import SessionAuthority, TokenFileUnwritable
 from openclaw.writer import FileWriter
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
@@ -453,6 +453,44 @@ class RestoreTokenFileTests(TestCase):
         path.parent.chmod(0o700)
         authority.restore_token_file()
         self.assertEqual(path.read_text(), authority.current.token + "\n")
+
+    def test_said_again_for_another_cause(self) -> None:
+        """
+        Said once per cause: its directory gone, then made again so that
+        others may write it, is a new cause with its own fix (recheck s45:
+        the second was never said).
+        """
+        events = capture_log_events(self)
+        authority, path = self.authority()
+        path.unlink()
+        path.parent.rmdir()
+        authority.restore_token_file()
+        authority.restore_token_file()
+        self.assertEqual(len(_said(events, "cannot be written again")), 1)
+        path.parent.mkdir(mode=0o777)
+        path.parent.chmod(0o777)
+        authority.restore_token_file()
+        [said] = _said(events, "is not written again")
+        self.assertIn("chmod go-w", formatEvent(said))
+        self.assertFalse(path.exists())
+
+    @inlineCallbacks
+    def test_rotation_into_a_directory_others_may_write(self) -> Any:
+        """
+        A rotation does not write the token file into a directory made
+        again so that others may write it, as start-up and the restore
+        do not (recheck s45): refused, the current token kept.
+        """
+        writer = FileWriter(reactor)
+        writer.startService()
+        self.addCleanup(writer.stopService)
+        authority, path = self.authority(writer)
+        before = authority.current
+        path.parent.chmod(0o777)
+        failure = yield self.assertFailure(authority.adopt_later(authority.mint()), TokenFileUnwritable)
+        self.assertIn("chmod go-w", str(failure))
+        self.assertIs(authority.current, before)
+        self.assertEqual(path.read_text(), before.token + "\n")
 
     def test_one_job_at_a_time(self) -> None:
         writer = FileWriter(reactor)  # not started: its jobs wait

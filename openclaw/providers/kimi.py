@@ -402,7 +402,12 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
         # must be an object"; vercel/ai #18921).
         before = node.get("prefixItems")
         prefix = [*(before if isinstance(before, list) else ()), *items]
-        changed["prefixItems"] = prefix
+        if prefix:
+            changed["prefixItems"] = prefix
+        else:
+            # An empty tuple: 2020-12's prefixItems must not be empty
+            # (recheck s45); additionalItems below says it all.
+            dropped.add("prefixItems")
         dropped.add("items")
         # 2020-12 reads no additionalItems beside prefixItems (left, the
         # tuple admitted any items past its own: agent trial s45): it
@@ -436,7 +441,7 @@ def _moonshot_node(node: dict[str, Any], rename_definitions: bool = False) -> di
         if kept_branches:
             changed["anyOf"] = kept_branches
             dropped.add("type")
-    if not changed:
+    if not changed and not dropped:
         return node
     return {key: value for key, value in {**node, **changed}.items() if key not in dropped}
 
