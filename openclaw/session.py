@@ -186,9 +186,10 @@ class SessionAuthority:
         #: since.  Written by L{adopt} at start-up, then only by
         #: L{adopt_later}'s jobs, in the writer's thread (one at a time),
         #: and read there (and on the reactor thread, only to tell whether
-        #: it is still None: L{restore_token_file}): a job finds the file holding it, or the current
-        #: token, or its own, and replaces it (O(1) however many adoptions
-        #: wait; a list of them would make each rotation O(N)).
+        #: it is still None: L{restore_token_file}): a job finds the file
+        #: holding it, or the current token, or its own, and replaces it
+        #: (O(1) however many adoptions wait; a list of them would make
+        #: each rotation O(N)).
         self._written: bytes | None = None
         #: The last token (ASCII) adopted with a token file, written to it
         #: or not (the file was another's then): what it should hold, and
@@ -509,11 +510,14 @@ class SessionAuthority:
         """
         Write the token file again when it is gone while the gateway runs
         (an C{rm}, a cleaner of old files in C{/tmp} or C{/run}): with the
-        last token this gateway wrote to it (never an older one, whatever
-        rotation is under way), in the writer's thread; a warning says so.
-        Nothing when there is no token file, when this gateway never wrote
-        it, or when something is at its path.  A write that fails is said
-        once (warning) until one succeeds.  Reactor thread (one C{lstat}).
+        last token adopted (the current one, or the one a rotation under
+        way makes current; never an older one), in the writer's thread,
+        after the writes asked before it; a warning says so.  Nothing when
+        there is no token file, when this gateway never wrote it, or when
+        something is at its path; not into a directory others may write
+        (L{check_token_directory}, as at start-up).  A write that fails is
+        said once per cause (warning) until one succeeds.  Reactor thread
+        (one C{lstat}).
         """
         path, writer = self._token_file, self._writer
         if path is None or self._written is None or self._restoring or _present(path):
@@ -522,7 +526,7 @@ class SessionAuthority:
         write_file = writer.write_file if writer is not None else None
 
         def job() -> str | None:
-            # In the writer's thread: _written is the last token written.
+            # In the writer's thread, as the adoptions' jobs that set it.
             adopted = self._adopted
             if adopted is None or _present(path):
                 return None
@@ -563,8 +567,8 @@ class SessionAuthority:
             self._restore_failed = cause
             if isinstance(error, ConfigError):
                 self._log.warn(
-                    "TOKEN_FILE {path} was removed while the gateway ran and is not written again: {error}; the "
-                    "gateway writes it at its next check after",
+                    "TOKEN_FILE {path} was removed while the gateway ran and is not written again: {error}; once "
+                    "that is done, the gateway writes it at its next check",
                     path=str(path),
                     error=str(error),
                 )
