@@ -48,9 +48,25 @@ class SharingConflictsTests(SynchronousTestCase):
         )
 
     def test_name(self) -> None:
-        name = gateway_application_name("cluster " + "x" * 100)
-        self.assertTrue(name.startswith("openclaw cluster xxx"))
-        self.assertLessEqual(len(name.encode()), 63)
+        """
+        At most 63 bytes, and what tells the process apart survives whole
+        (sharing trial s45: cut at 63 bytes, two long CLUSTER_NAMEs that
+        began alike, or two long host names, named both the same): two
+        long roles that begin alike differ, and two pools of one role on
+        one host and pid (two containers, each with the gateway as pid 1)
+        differ too.
+        """
+        first = gateway_application_name("cluster " + "x" * 100 + "-billing")
+        second = gateway_application_name("cluster " + "x" * 100 + "-search")
+        for name in (first, second):
+            self.assertTrue(name.startswith("openclaw cluster xxx"))
+            self.assertLessEqual(len(name.encode()), 63)
+        self.assertEqual(sharing_conflicts(first, [second]), [second])
+        self.assertNotEqual(gateway_application_name("standalone"), gateway_application_name("standalone"))
+        self.assertEqual(
+            sharing_conflicts("openclaw standalone h:1/aaaaaa", ["openclaw standalone h:1/bbbbbb"]),
+            ["openclaw standalone h:1/bbbbbb"],
+        )
 
 
 class SharedDatabaseTests(GatewayCase):
@@ -95,3 +111,17 @@ class SharedDatabaseTests(GatewayCase):
             yield self.gateway()
             said = yield self.said()
         self.assertEqual(said, [])
+
+    @inlineCallbacks
+    def test_named_by_the_operator(self) -> Any:
+        """
+        A DATABASE_URL that names its connections is not checked, and an
+        info line says so (sharing trial s45: silent).
+        """
+        self.other_gateway("cluster main")
+        self.database = f"{self.database}?application_name=team-a"
+        yield self.gateway()
+        said = yield self.said()
+        self.assertEqual(said, [])
+        [skipped] = [e for e in self.events if "is not checked" in e.get("log_format", "")]
+        self.assertEqual(skipped["log_level"], LogLevel.info)

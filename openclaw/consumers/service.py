@@ -297,6 +297,12 @@ def check_sharing(store: ConsumerStore, where: str, log: Logger) -> Deferred[Non
             where=where,
         )
 
+    if store.dialect == "postgresql" and store.application_name is None:
+        log.info(
+            "which other gateways use the consumers' database {where} is not checked: DATABASE_URL names its "
+            "connections (application_name), so theirs are not told from this one's",
+            where=where,
+        )
     return maybeDeferred(store.gateways_sharing).addCallbacks(checked, failed)
 
 

@@ -24,6 +24,7 @@ bounded (L{COMMAND_SECONDS}, L{ConsumerStore._command}).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import os
 import re
@@ -155,13 +156,25 @@ APPLICATION_PREFIX = "openclaw "
 
 def gateway_application_name(role: str) -> str:
     """
-    The C{application_name} of this process's PostgreSQL connections:
+    The C{application_name} of one pool's PostgreSQL connections:
     L{APPLICATION_PREFIX}, C{role} (C{"standalone"}, or C{"cluster
-    NAME"}: L{sharing_conflicts}), and the host and pid that tell this
-    process's own connections from the others' (at most 63 bytes, what
-    PostgreSQL keeps: NAMEDATALEN - 1).
+    NAME"}: L{sharing_conflicts}), and the host, pid and a nonce that
+    tell this process's own connections from the others' (at most 63
+    bytes, what PostgreSQL keeps: NAMEDATALEN - 1).
     """
-    return f"{APPLICATION_PREFIX}{role} {socket.gethostname()}:{os.getpid()}".encode()[:63].decode(errors="ignore")
+    # The process part survives whole and tells this process from every
+    # other (two containers with one hostname each run the gateway as pid
+    # 1: sharing trial s45): the host (at most 20 bytes), the pid and a
+    # random nonce (called once per pool).  A role too long for the rest
+    # is cut and ends with a digest of it, so that two long CLUSTER_NAMEs
+    # that begin alike still differ.
+    host = socket.gethostname().encode()[:20].decode(errors="ignore")
+    process = f"{host}:{os.getpid()}/{os.urandom(3).hex()}"
+    room = 63 - len(APPLICATION_PREFIX) - 1 - len(process.encode())
+    if len(role.encode()) > room:
+        digest = hashlib.sha256(role.encode()).hexdigest()[:8]
+        role = role.encode()[: room - 9].decode(errors="ignore") + "~" + digest
+    return f"{APPLICATION_PREFIX}{role} {process}"
 
 
 def sharing_conflicts(own: str, others: Sequence[str]) -> list[str]:
