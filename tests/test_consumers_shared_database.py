@@ -18,6 +18,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
+from openclaw.consumers import service as consumers_service
 from openclaw.consumers.store import gateway_application_name, sharing_conflicts
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
@@ -125,3 +126,19 @@ class SharedDatabaseTests(GatewayCase):
         self.assertEqual(said, [])
         [skipped] = [e for e in self.events if "is not checked" in e.get("log_format", "")]
         self.assertEqual(skipped["log_level"], LogLevel.info)
+
+    @inlineCallbacks
+    def test_first_one_learns_later(self) -> Any:
+        """
+        The gateway that started first says it too, at its next check
+        (every SHARING_CHECK_SECONDS), once per gateway it has not named.
+        """
+        self.patch(consumers_service, "SHARING_CHECK_SECONDS", 0.1)
+        yield self.gateway()
+        yield deferLater(reactor, 0.3, lambda: None)
+        self.assertEqual([e for e in self.events if SHARING in e.get("log_format", "")], [])
+        self.other_gateway("standalone")
+        [said] = yield self.said()
+        self.assertIn("openclaw standalone elsewhere:4242", formatEvent(said))
+        yield deferLater(reactor, 0.5, lambda: None)
+        self.assertEqual(len([e for e in self.events if SHARING in e.get("log_format", "")]), 1)

@@ -256,7 +256,13 @@ def usage_purger(
     return purger
 
 
-def check_sharing(store: ConsumerStore, where: str, log: Logger) -> Deferred[None]:
+#: How often the gateway looks again for other gateways on its PostgreSQL
+#: database (L{SharingCheck}), in seconds: the one that started first
+#: learns of a second within this.
+SHARING_CHECK_SECONDS = 60.0
+
+
+class SharingCheck:
     """
     Say, in one critical line, which other gateways use the same
     PostgreSQL database as this one where they must not
@@ -264,46 +270,56 @@ def check_sharing(store: ConsumerStore, where: str, log: Logger) -> Deferred[Non
     beside any other, or instances of other clusters.  Each loads the
     consumers and keys once and hears of no change the others make: a key
     revoked on one is still served by the other until it restarts
-    (consumers trial s45).  Said by the gateway that starts second, whose
-    connections find the first's; fires with L{None}, never fails (a
-    failed read is logged, at warn).
+    (consumers trial s45).  Run at start and every
+    L{SHARING_CHECK_SECONDS}; said again only when a gateway not said
+    before appears, and a failed read once until one succeeds (warn).
+    Each call fires with L{None}, never fails.
 
     @param where: the database, as the operator knows it (for the log).
     """
 
-    def checked(others: list[str]) -> None:
-        if others:
-            log.critical(
-                "the consumers' database {where} is used by other gateways as well: {others} (their PostgreSQL "
-                "connections' application_name), where {role}; each holds its own copy of the consumers and "
-                "keys, so a key revoked or a consumer changed on one is still served the old way by the "
-                "others until they restart: give each gateway (or each cluster) its own DATABASE_URL, or "
-                "make them one cluster (the same REDIS_URL and CLUSTER_NAME)",
-                where=where,
-                others=", ".join(others),
-                role=(
-                    "this gateway, without REDIS_URL, shares it with no other"
-                    if (store.application_name or "").startswith(APPLICATION_PREFIX + "standalone ")
-                    else "a cluster shares it with no gateway outside it"
-                ),
-            )
+    def __init__(self, store: ConsumerStore, where: str, log: Logger) -> None:
+        self._store = store
+        self._where = where
+        self._log = log
+        #: The other gateways' connections said so far.
+        self._said: set[str] = set()
+        self._failing = False
 
-    def failed(reason: Failure) -> None:
+    def __call__(self) -> Deferred[None]:
+        return maybeDeferred(self._store.gateways_sharing).addCallbacks(self._checked, self._failed)
+
+    def _checked(self, others: list[str]) -> None:
+        self._failing = False
+        if not set(others) - self._said:
+            return
+        self._said.update(others)
+        self._log.critical(
+            "the consumers' database {where} is used by other gateways as well: {others} (their PostgreSQL "
+            "connections' application_name), where {role}; each holds its own copy of the consumers and "
+            "keys, so a key revoked or a consumer changed on one is still served the old way by the "
+            "others until they restart: give each gateway (or each cluster) its own DATABASE_URL, or "
+            "make them one cluster (the same REDIS_URL and CLUSTER_NAME)",
+            where=self._where,
+            others=", ".join(others),
+            role=(
+                "this gateway, without REDIS_URL, shares it with no other"
+                if (self._store.application_name or "").startswith(APPLICATION_PREFIX + "standalone ")
+                else "a cluster shares it with no gateway outside it"
+            ),
+        )
+
+    def _failed(self, reason: Failure) -> None:
+        if self._failing:
+            return
+        self._failing = True
         log_database_failure(
-            log,
+            self._log,
             "could not check which other gateways use the consumers' database {where} ({error}): {advice}",
             reason,
             LogLevel.warn,
-            where=where,
+            where=self._where,
         )
-
-    if store.dialect == "postgresql" and store.application_name is None:
-        log.info(
-            "which other gateways use the consumers' database {where} is not checked: DATABASE_URL names its "
-            "connections (application_name), so theirs are not told from this one's",
-            where=where,
-        )
-    return maybeDeferred(store.gateways_sharing).addCallbacks(checked, failed)
 
 
 def check_usage_dates(store: ConsumerStore, clock: IReactorTime, where: str, log: Logger) -> Deferred[None]:
@@ -420,6 +436,7 @@ class ConsumersService(Service):
         self._rescue_next = 0.0
         self._rescue_wait = FILES_CHECK_SECONDS / 2
         self._purger: LoopingCall | None = None
+        self._sharing: LoopingCall | None = None
         self._checking: LoopingCall | None = None
         self._opening: Retrying[int] | None = None
         self.ready: Deferred[None] = Deferred()
@@ -473,7 +490,7 @@ class ConsumersService(Service):
             if not self.ready.called:
                 self.ready.callback(None)
             check_usage_dates(self._store, self._reactor, where, self._log)
-            check_sharing(self._store, where, self._log)
+            self._check_sharing(where)
             if not settings.database_url:
                 warn_rescued_copies(sqlite_path(settings.state_dir), len(self._table.consumers), self._log)
 
@@ -498,6 +515,27 @@ class ConsumersService(Service):
         self._purger = usage_purger(
             self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log, self._monotonic
         )
+
+    def _check_sharing(self, where: str) -> None:
+        """
+        On PostgreSQL, look for other gateways on the same database now
+        and every L{SHARING_CHECK_SECONDS} (L{SharingCheck}); when
+        C{DATABASE_URL} names the connections itself, say that nothing is
+        checked.
+        """
+        store = self._store
+        if store.dialect != "postgresql" or self._sharing is not None:
+            return
+        if store.application_name is None:
+            self._log.info(
+                "which other gateways use the consumers' database {where} is not checked: DATABASE_URL names its "
+                "connections (application_name), so theirs are not told from this one's",
+                where=where,
+            )
+            return
+        sharing = self._sharing = LoopingCall(SharingCheck(store, where, self._log))
+        sharing.clock = self._reactor
+        sharing.start(SHARING_CHECK_SECONDS, now=True)
 
     def check_database_file(self) -> Deferred[None]:
         """
@@ -564,6 +602,8 @@ class ConsumersService(Service):
         super().stopService()
         if self._purger is not None and self._purger.running:
             self._purger.stop()
+        if self._sharing is not None and self._sharing.running:
+            self._sharing.stop()
         if self._shared is not None:
             self._shared.stop()
         if self._opening is not None:
