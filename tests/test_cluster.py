@@ -214,8 +214,14 @@ class TwoInstances(ClusterCase):
         on_a = yield self.client(a.port)
         on_b = yield self.client(b.port)
         # And with each consumer change once other instances are seen (B
-        # saw A at its first heartbeat): its key works where its file is.
-        status = yield on_b.ask(token, "status")
+        # sees A at its first heartbeat, whose answer may come a moment
+        # after B took the token: CI s45 asked 55 ms after B's start):
+        # its key works where its file is.
+        for _ in range(50):
+            status = yield on_b.ask(token, "status")
+            if status["result"]["instances_seen"] == 2:
+                break
+            yield deferLater(reactor, 0.1, lambda: None)
         self.assertEqual(status["result"]["instances_seen"], 2, status)
         created = yield consumer_created(on_b, token, "team")
         self.assertTrue(created["ok"], created)
