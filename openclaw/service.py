@@ -893,6 +893,7 @@ class GatewayService(SequentialMultiService):
                 self._consumers_announced,
                 provider_ids=self.providers.ids,
                 list_bytes=max(1, settings.max_message_bytes - LIST_ENVELOPE_BYTES),
+                cluster=cluster is not None,
             ).handlers(),
             excluded_consumers=self.consumers.excluding,
             unpriced_consumers=self.consumers.unpriced_budgets,

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
+from twisted.internet.task import Clock
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.python.failure import Failure
@@ -23,7 +24,7 @@ from openclaw.consumers.commands import ConsumerCommands, _database_failed
 from openclaw.consumers.model import Consumer, NewKey
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import database_advice, log_database_failure
-from openclaw.consumers.table import ConsumerTable
+from openclaw.consumers.table import REVOKE_RETRY_SECONDS, ConsumerTable
 from openclaw.control.commands import CommandError
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GatewayCase
@@ -155,10 +156,11 @@ class _RefusingStore:
 
 class RefusedChangeTests(TestCase):
     """
-    A key revocation or a delete the database refuses changes nothing,
-    here as there: the key still works (it worked again at the next
-    restart, and the retry was refused as naming no key), and the retry
-    once the database can write does it.
+    A delete the database refuses changes nothing, here as there; a key
+    revocation it refuses is kept here (the key refused at once) and
+    written again every REVOKE_RETRY_SECONDS until the database takes it:
+    a leaked key must stop working while a disk is full or a database
+    down.
     """
 
     def setUp(self) -> None:
@@ -169,18 +171,100 @@ class RefusedChangeTests(TestCase):
         self.key = NewKey.make()
         self.table.keys[self.key.hash] = ("team", self.key.prefix)
         self.commands = ConsumerCommands(self.table, clock=lambda: 1000.0).handlers()
+        self.clock = Clock()
+        self.events = capture_log_events(self)
 
     def refused(self, cmd: str, data: dict[str, Any]) -> str:
         failure = self.failureResultOf(self.commands[cmd](data), CommandError)
         return str(failure.value)
 
-    def test_revoke(self) -> None:
-        said = self.refused("key_revoke", {"name": "team", "key_prefix": self.key.prefix})
-        self.assertIn("nothing was changed: free space", said)
-        self.assertIsNotNone(self.table.identify(self.key.key.encode()))
+    def revoke(self) -> dict[str, Any]:
+        return self.successResultOf(self.commands["key_revoke"]({"name": "team", "key_prefix": self.key.prefix}))
+
+    def said(self, words: str) -> list[str]:
+        return [formatEvent(event) for event in self.events if words in formatEvent(event)]
+
+    def test_revoke_unsaved_refuses_the_key_at_once(self) -> None:
+        """
+        The answer says the key is refused but the revoke not saved, why,
+        and what the gateway does about it; the key is refused, listed
+        under revokes_unsaved, not among the keys; one critical line.
+        """
+        self.table.start(self.clock)
+        revoked = self.revoke()
+        self.assertEqual((revoked["saved"], revoked["keys_left"]), (False, 0))
+        self.assertIn("the key is refused by this gateway from now on, but the revoke is not saved", revoked["warning"])
+        self.assertIn("database or disk is full", revoked["warning"])
+        self.assertIn("free space", revoked["warning"])
+        self.assertIn("writes it again every 5 s", revoked["warning"])
+        self.assertNotIn("other instances", revoked["warning"])
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+        listed = self.successResultOf(self.commands["consumer_list"]({"name": "team"}))
+        self.assertEqual(listed["consumers"][0]["keys"], [])
+        self.assertEqual(listed["consumers"][0]["revokes_unsaved"], [self.key.prefix])
+        lines = self.said("could not be written")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn(f"ock-{self.key.prefix}", lines[0])
+        self.assertIn("a restart of this gateway serves the key again", lines[0])
+
+    def test_revoke_written_again_until_the_database_takes_it(self) -> None:
+        self.table.start(self.clock)
+        self.revoke()
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        # Said once, however often it is tried.
+        self.assertEqual(len(self.said("could not be written")), 1)
         self.store.full = False
-        revoked = self.successResultOf(self.commands["key_revoke"]({"name": "team", "key_prefix": self.key.prefix}))
-        self.assertEqual(revoked["keys_left"], 0)
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual(len(self.said("is written to the database now")), 1)
+        self.assertEqual(self.table.revoking, {})
+        self.assertNotIn(self.key.hash, self.table.keys)
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+        listed = self.successResultOf(self.commands["consumer_list"]({"name": "team"}))
+        self.assertNotIn("revokes_unsaved", listed["consumers"][0])
+        # The usage rows' flusher only: no try of the revoke left.
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_revoke_survives_a_reload(self) -> None:
+        """
+        A reload (another instance's change) brings back the database's
+        keys, the unsaved revoke's among them: still refused.
+        """
+        self.table.start(self.clock)
+        self.revoke()
+        self.table.keys = {self.key.hash: ("team", self.key.prefix)}
+        self.assertIsNone(self.table.identify(self.key.key.encode()))
+
+    def test_revoke_again(self) -> None:
+        """
+        A key whose revoke is not saved may be revoked again: tried at
+        once, and once the database takes it, saved.
+        """
+        self.table.start(self.clock)
+        self.revoke()
+        self.assertFalse(self.revoke()["saved"])
+        self.store.full = False
+        self.assertTrue(self.revoke()["saved"])
+        self.assertEqual(self.table.revoking, {})
+
+    def test_cluster_says_the_other_instances_serve_it(self) -> None:
+        commands = ConsumerCommands(self.table, clock=lambda: 1000.0, cluster=True).handlers()
+        revoked = self.successResultOf(commands["key_revoke"]({"name": "team", "key_prefix": self.key.prefix}))
+        self.assertIn("the other instances still serve it: run the same key_revoke on each", revoked["warning"])
+
+    def test_stop_says_an_unsaved_revoke_is_lost(self) -> None:
+        self.table.start(self.clock)
+        self.revoke()
+        self.table.stop()
+        lines = self.said("was never written to the database")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("revoke it again once the database takes writes", lines[0])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_revoke_saved(self) -> None:
+        self.store.full = False
+        revoked = self.revoke()
+        self.assertEqual((revoked["saved"], revoked["keys_left"]), (True, 0))
         self.assertIsNone(self.table.identify(self.key.key.encode()))
 
     def test_delete_across_a_reload(self) -> None:

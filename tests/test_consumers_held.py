@@ -28,7 +28,7 @@ from openclaw.consumers import store as store_module
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import CommandBounds, CommandTimedOut, ConsumerStore, postgres_conninfo
-from openclaw.consumers.table import ConsumerTable, Holder
+from openclaw.consumers.table import REVOKE_RETRY_SECONDS, ConsumerTable, Holder
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
@@ -248,3 +248,49 @@ class HeldGatewayTests(GatewayCase):
         usage = yield self.command(gateway, client, "usage", {"name": "team"})
         self.assertEqual(usage["total"]["requests"], 1)
         self.assertNotIn("warning", usage)
+
+    @inlineCallbacks
+    def test_key_revoked_while_the_keys_are_locked(self) -> Any:
+        """
+        A leaked key revoked while the database holds the keys' table (a
+        lock; so too a full disk, a database down) is refused at once, the
+        answer saying the revoke is not saved; it is written once the lock
+        goes, and said.  It answered "nothing was changed" and the key
+        stayed good until the database took writes again (left s45).
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        sdk = self.sdk(gateway, created["key"])
+        yield deferToThread(sdk.chat.completions.create, model=MODEL, messages=HELLO)
+        locker = Locker(self, self.database)
+        yield locker.lock("consumer_keys")
+        started = time.monotonic()
+        revoked = yield self.command(
+            gateway, client, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]}
+        )
+        self.assertLess(time.monotonic() - started, store_module.COMMAND_SECONDS + 0.5)
+        self.assertIs(revoked["saved"], False, revoked)
+        self.assertIn("the key is refused by this gateway from now on, but the revoke is not saved", revoked["warning"])
+        self.assertIn("waiting for a lock", revoked["warning"])
+        refusal = yield self.refused(sdk, MODEL)
+        self.assertEqual(refusal.status_code, 401)
+        audited = [formatEvent(e) for e in self.events if formatEvent(e).startswith("key_revoke from")]
+        self.assertEqual(len(audited), 1, audited)
+        self.assertIn(": ok in ", audited[0])
+        self.assertIn(f"key_prefix={created['key_prefix']} saved=false", audited[0])
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "team"})
+        self.assertEqual(listed["consumers"][0]["revokes_unsaved"], [created["key_prefix"]])
+        yield locker.release()
+        deadline = time.monotonic() + REVOKE_RETRY_SECONDS + 3
+        while time.monotonic() < deadline:
+            snapshot = yield gateway.service.consumer_store.load(time.time())
+            if not snapshot.keys:
+                break
+            yield sleep(0.2)
+        self.assertEqual(snapshot.keys, {}, "the revoke was not written once the lock went")
+        yield sleep(0.1)
+        self.assertTrue(any("is written to the database now" in formatEvent(e) for e in self.events))
+        listed = yield self.command(gateway, client, "consumer_list", {"name": "team"})
+        self.assertNotIn("revokes_unsaved", listed["consumers"][0])
+        refusal = yield self.refused(sdk, MODEL)
+        self.assertEqual(refusal.status_code, 401)

@@ -260,6 +260,23 @@ class ParseRequestTests(TestCase):
                     "models": [], "expires_at": None, "keys": [], "spent_usd": 0.0000032}  # fmt: skip
         self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"\na +- +0\.0000032 +- +- +\*")
 
+    def test_unsaved_revoke_shown(self):
+        """
+        A key whose revoke the database has not taken yet is shown as
+        such, in the list and in the revoke's own line (it is refused by
+        the gateway, but a restart would serve it again).
+        """
+        consumer = {"name": "a", "budget_usd": None, "budget_period": "month", "rpm": None, "tpm": None,
+                    "models": [], "expires_at": None, "keys": [{"prefix": "Keep0001"}], "spent_usd": 0,
+                    "revokes_unsaved": ["Gone0001"]}  # fmt: skip
+        self.assertRegex(ctl.format_consumers({"consumers": [consumer]}), r"Keep0001,Gone0001\(revoke unsaved\)$")
+        shown = ctl.format_consumers({"name": "a", "revoked": "Gone0001", "keys_left": 1, "saved": False})
+        self.assertEqual(
+            shown, "revoked a's key ock-Gone0001... (refused by this gateway, not saved yet: see the warning); 1 left"
+        )
+        shown = ctl.format_consumers({"name": "a", "revoked": "Gone0001", "keys_left": 1, "saved": True})
+        self.assertEqual(shown, "revoked a's key ock-Gone0001...; 1 left")
+
     def test_reserved_shown_when_any(self):
         """
         consumer list shows what calls in flight hold (a RESERVED column)

@@ -86,6 +86,9 @@ def note_result(result: Any, fields: dict[str, str]) -> Any:
     if isinstance(result, dict):
         if "key_prefix" in result:
             fields["key_prefix"] = _prefix(result["key_prefix"])
+        if result.get("saved") is False:
+            # A key revoke the database did not take (refused here all the same).
+            fields["saved"] = "false"
         for name in ("released_usd", "released_tokens"):
             if name in result:
                 fields[name] = str(result[name])

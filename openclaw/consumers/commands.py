@@ -59,8 +59,16 @@ from openclaw.consumers.store import (
     database_error,
     sqlite_file_advice,
     unreachable,
+    unwritten_error,
 )
-from openclaw.consumers.table import USAGE_WAIT_SECONDS, ConsumerGone, ConsumerTable, NotReleased
+from openclaw.consumers.table import (
+    REVOKE_RETRY_SECONDS,
+    USAGE_WAIT_SECONDS,
+    ConsumerGone,
+    ConsumerTable,
+    NotReleased,
+    RevokeNotSaved,
+)
 from openclaw.control.commands import (
     CONSUMER_COMMANDS,
     MAX_NAMED_CONSUMERS,
@@ -280,6 +288,8 @@ class ConsumerCommands:
     @ivar provider_ids: the gateway's providers (their ids): a create or
         update whose C{models} patterns allow none of their models is
         answered with a C{warning} (L{models_warning}); empty: not checked.
+    @ivar cluster: the gateway is an instance of a cluster (a revoke not
+        saved says the other instances still serve the key).
     """
 
     def __init__(
@@ -290,8 +300,10 @@ class ConsumerCommands:
         announced: Callable[[], int] = lambda: 0,
         provider_ids: Iterable[str] = (),
         list_bytes: int = 0,
+        cluster: bool = False,
     ) -> None:
         self.table = table
+        self.cluster = cluster
         self.clock = clock
         self.unshared = unshared
         self.announced = announced
@@ -578,17 +590,46 @@ class ConsumerCommands:
         name = self._address(fields)
         self._existing(name)
         prefix = fields.get("key_prefix")
-        if not isinstance(prefix, str) or prefix not in self.table.key_prefixes(name):
+        # A key whose revoke is not written yet may be revoked again (tried
+        # again at once).
+        if not isinstance(prefix, str) or (
+            prefix not in self.table.key_prefixes(name) and prefix not in self.table.unsaved_revokes(name)
+        ):
             listed = ", ".join(self.table.key_prefixes(name)) or "none"
             raise CommandError(
                 f"data.key_prefix must be one of the keys of {name!r}, as consumer_list shows them (the 8 "
                 f"characters after ock-): {listed}"
             )
 
-        def revoked(count: int) -> Result:
+        def answer() -> Result:
             return {"name": name, "revoked": prefix, "keys_left": len(self.table.key_prefixes(name))}
 
-        return self.table.revoke_key(name, prefix).addCallbacks(revoked, _database_failed)
+        def revoked(count: int) -> Result:
+            return answer() | {"saved": True}
+
+        def unsaved(failure: Failure) -> Result | Failure:
+            if not isinstance(failure.value, RevokeNotSaved):
+                return failure
+            reason = failure.value.reason
+            cause = _held(reason) or f"the consumers' database did not take it: {unwritten_error(reason)}"
+            advice = sqlite_file_advice(reason)
+            others = (
+                "; the other instances still serve it: run the same key_revoke on each of them (each refuses "
+                "the key from then on)"
+                if self.cluster
+                else ""
+            )
+            return answer() | {
+                "saved": False,
+                "warning": (
+                    f"the key is refused by this gateway from now on, but the revoke is not saved ({cause}"
+                    f"{'; ' + advice if advice else ''}): the gateway writes it again every "
+                    f"{REVOKE_RETRY_SECONDS:g} s and logs when it has (consumer_list shows the key under "
+                    f"revokes_unsaved until then); a restart before that serves the key again{others}"
+                ),
+            }
+
+        return self.table.revoke_key(name, prefix).addCallbacks(revoked, unsaved).addErrback(_database_failed)
 
     def usage(self, data: object) -> Deferred[Result]:
         fields = command_data(data, frozenset({"name", "since", "until", "group_by"}))

@@ -551,6 +551,19 @@ def database_error(reason: Failure) -> str:
     return "; ".join(line for line in (" ".join(part.split()) for part in text.splitlines()) if line)
 
 
+def unwritten_error(reason: Failure) -> str:
+    """
+    What kept a change out of the database, on one line: L{database_error},
+    but for the gateway's own L{CommandTimedOut} (C{"the database did not
+    take it within 4 s"}) and L{DatabaseFileLost} (its file gone).
+    """
+    if isinstance(reason.value, CommandTimedOut):
+        return f"the database did not take it within {reason.value.seconds:g} s"
+    if isinstance(reason.value, DatabaseFileLost):
+        return f"the database file {reason.value.path} was {reason.value.what} while the gateway runs"
+    return database_error(reason)
+
+
 _UNWRITABLE = "check that STATE_DIR and the database in it are readable and writable by the gateway's user"
 _DAMAGED = (
     "the file is corrupt or not a SQLite database, or the disk failed to read it (SQLite says corrupt "
@@ -1888,4 +1901,5 @@ __all__ = [
     "sqlite_file",
     "sqlite_file_advice",
     "unreachable",
+    "unwritten_error",
 ]

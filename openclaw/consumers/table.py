@@ -35,13 +35,16 @@ from openclaw.consumers.model import (
 )
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import (
+    CommandTimedOut,
     ConsumerExists,
     ConsumerStore,
+    DatabaseFileLost,
     RowIds,
     Snapshot,
     UsageRow,
     database_error,
     log_database_failure,
+    unwritten_error,
 )
 from openclaw.dataplane.errors import MAX_SLEPT_RETRY_AFTER_SECONDS, APIError
 from openclaw.deferreds import InFlight
@@ -110,6 +113,24 @@ class NotReleased(Exception):
     (L{ConsumerTable.release_reservations}): C{str()} says why, and what
     to do.
     """
+
+
+#: How often a key revoke the database did not take is tried again, in
+#: seconds (L{ConsumerTable.revoke_key}); the key is refused meanwhile.
+REVOKE_RETRY_SECONDS = 5.0
+
+
+class RevokeNotSaved(Exception):
+    """
+    A key revoke the database did not take (C{reason}, the store's
+    failure): the key is refused by this table all the same, and the
+    revoke is written again every L{REVOKE_RETRY_SECONDS} until the
+    database takes it (L{ConsumerTable.revoke_key}).
+    """
+
+    def __init__(self, reason: Failure) -> None:
+        super().__init__(reason.getErrorMessage())
+        self.reason = reason
 
 
 class ConsumerGone(Exception):
@@ -734,6 +755,14 @@ class ConsumerTable:
         #: Names whose delete is not yet written to the database: kept
         #: from a create until it is (L{delete}).
         self.deleting: set[str] = set()
+        #: SHA-256 hex of a key whose revoke is not yet written to the
+        #: database -> (consumer, prefix): refused from the revoke on
+        #: (L{revoke_key}), whatever a reload brings back.
+        self.revoking: dict[str, tuple[str, str]] = {}
+        #: The revokes being written, as (consumer, prefix).
+        self._revokes_writing: set[tuple[str, str]] = set()
+        #: The next try of the revokes the database did not take.
+        self._revoke_retry: IDelayedCall | None = None
         #: The keys of this table's usage rows (L{UsageRow.row_id}).
         self.row_ids = RowIds()
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
@@ -891,6 +920,16 @@ class ConsumerTable:
         if self._flusher is not None and self._flusher.running:
             self._flusher.stop()
         self._flusher = None
+        if self._revoke_retry is not None and self._revoke_retry.active():
+            self._revoke_retry.cancel()
+        self._revoke_retry = None
+        for name, prefix in sorted(set(self.revoking.values())):
+            self._log.critical(
+                "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database: "
+                "the key works again when the gateway starts; revoke it again once the database takes writes",
+                consumer=name,
+                key_prefix=prefix,
+            )
         # No next try by the timer: from now on only this one writes, until
         # `until`.
         self._stopping = True
@@ -974,8 +1013,9 @@ class ConsumerTable:
         no consumer's.  The key is looked
         up by its SHA-256: timing tells nothing of a key with that hash.
         """
-        entry = self.keys.get(key_hash(presented))
-        if entry is None:
+        hashed = key_hash(presented)
+        entry = self.keys.get(hashed)
+        if entry is None or hashed in self.revoking:
             return None
         name, prefix = entry
         consumer = self.consumers.get(name)
@@ -1667,21 +1707,99 @@ class ConsumerTable:
 
     def revoke_key(self, name: str, prefix: str) -> Deferred[int]:
         """
-        Revoke the key of consumer C{name} whose prefix is C{prefix}: out
-        of the table once the database has it (refused by the database,
-        the key is left as it was, here as there).
-        """
+        Revoke the key of consumer C{name} whose prefix is C{prefix}: it is
+        refused from now on (L{revoking}), and out of the table once the
+        database has the revoke.  A revoke the database does not take (a
+        full disk, a database down or read-only) keeps the key refused here
+        and is written again every L{REVOKE_RETRY_SECONDS} until it is
+        (said once when it fails, once when it is written); a restart
+        before then serves the key again, as the database still has it.
 
-        def revoked(count: int) -> int:
+        @return: a Deferred firing with how many keys went (the database's
+            count, or the table's when larger).
+        @raise RevokeNotSaved: (in the Deferred) the database did not take
+            it this time.
+        """
+        revoked = (name, prefix)
+        first = revoked not in self.revoking.values()
+        for hashed, entry in self.keys.items():
+            if entry == revoked:
+                self.revoking[hashed] = revoked
+
+        def unsaved(reason: Failure) -> Failure:
+            if first:
+                format = (
+                    "the revoke of key ock-{key_prefix} of consumer {consumer!r} could not be written ({error}): "
+                    "the key is refused by this gateway all the same, and the revoke is written again every "
+                    "{retry_seconds:g} s; until it is, a restart of this gateway serves the key again"
+                )
+                fields: dict[str, Any] = {
+                    "consumer": name,
+                    "key_prefix": prefix,
+                    "retry_seconds": REVOKE_RETRY_SECONDS,
+                }
+                if reason.check(CommandTimedOut, DatabaseFileLost):
+                    self._log.critical(format, error=unwritten_error(reason), **fields)
+                else:
+                    log_database_failure(self._log, format, reason, **fields)
+            return Failure(RevokeNotSaved(reason))
+
+        return self._write_revoke(revoked).addErrback(unsaved)
+
+    def _write_revoke(self, revoked: tuple[str, str]) -> Deferred[int]:
+        name, prefix = revoked
+        self._revokes_writing.add(revoked)
+
+        def written(count: int) -> int:
+            self._revokes_writing.discard(revoked)
             before = len(self.keys)
-            self.keys = {h: entry for h, entry in self.keys.items() if entry != (name, prefix)}
+            self.keys = {h: entry for h, entry in self.keys.items() if entry != revoked}
+            self.revoking = {h: entry for h, entry in self.revoking.items() if entry != revoked}
             self.changed(name)
             return max(count, before - len(self.keys))
 
-        return self.store.revoke_key(name, prefix).addCallback(revoked)
+        def failed(reason: Failure) -> Failure:
+            self._revokes_writing.discard(revoked)
+            self._retry_revokes_later()
+            return reason
+
+        return self.store.revoke_key(name, prefix).addCallbacks(written, failed)
+
+    def _retry_revokes_later(self) -> None:
+        if self._revoke_retry is None and self._reactor is not None and not self._stopping:
+            self._revoke_retry = self._reactor.callLater(REVOKE_RETRY_SECONDS, self._retry_revokes)
+
+    def _retry_revokes(self) -> None:
+        self._revoke_retry = None
+        for revoked in sorted(set(self.revoking.values()) - self._revokes_writing):
+
+            def saved(count: int, revoked: tuple[str, str] = revoked) -> None:
+                self._log.info(
+                    "the revoke of key ock-{key_prefix} of consumer {consumer!r} is written to the database now",
+                    consumer=revoked[0],
+                    key_prefix=revoked[1],
+                )
+
+            # Failed: tried again (L{_write_revoke}), said at its first failure.
+            self._write_revoke(revoked).addCallbacks(saved, lambda reason: None)
+
+    def unsaved_revokes(self, name: str) -> list[str]:
+        """
+        The prefixes of consumer C{name}'s keys whose revoke is not yet
+        written to the database (refused here meanwhile), sorted.
+        """
+        return sorted({prefix for consumer, prefix in self.revoking.values() if consumer == name})
 
     def key_prefixes(self, name: str) -> list[str]:
-        return sorted(prefix for consumer, prefix in self.keys.values() if consumer == name)
+        """
+        The prefixes of consumer C{name}'s keys, sorted; not those being
+        revoked (L{unsaved_revokes}).
+        """
+        return sorted(
+            prefix
+            for hashed, (consumer, prefix) in self.keys.items()
+            if consumer == name and hashed not in self.revoking
+        )
 
     def read_spends(self, names: list[str]) -> Deferred[None]:
         """
@@ -1709,6 +1827,10 @@ class ConsumerTable:
         consumer = self.consumers[name]
         now = self.clock()
         document = consumer.describe([{"prefix": prefix} for prefix in self.key_prefixes(name)])
+        unsaved = self.unsaved_revokes(name)
+        if unsaved:
+            # Refused here, but still in the database (L{revoke_key}).
+            document["revokes_unsaved"] = unsaved
         document["spent_usd"] = round(self.counters.spent(name, consumer.budget_period, now), 10)
         # What calls in flight hold, when any (those of an instance that
         # died hold until they lapse: RESERVATION_SECONDS for the budget,
@@ -1728,6 +1850,7 @@ __all__ = [
     "Holder",
     "LocalCounters",
     "NotReleased",
+    "RevokeNotSaved",
     "completion_limit",
     "tpm_refused",
     "usage_counts",

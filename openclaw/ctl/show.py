@@ -149,7 +149,12 @@ def format_consumers(result: Mapping[str, Any]) -> str:
                 f"{usd(result['released_usd'])} USD, {result['released_tokens']} tokens"
             )
         if result.get("revoked"):
-            lines.append(f"revoked {result['name']}'s key ock-{result['revoked']}...; {result['keys_left']} left")
+            unsaved = (
+                " (refused by this gateway, not saved yet: see the warning)" if result.get("saved") is False else ""
+            )
+            lines.append(
+                f"revoked {result['name']}'s key ock-{result['revoked']}...{unsaved}; {result['keys_left']} left"
+            )
         if result.get("key"):
             lines.append(f"key (shown once, keep it now): {result['key']}")
         return "\n".join(lines)
@@ -174,7 +179,12 @@ def format_consumers(result: Mapping[str, Any]) -> str:
                 str(c["tpm"] or "-"),
                 ",".join(c["models"]) or "*",
                 c["expires_at"] or "-",
-                ",".join(k["prefix"] for k in c.get("keys", [])) or "-",
+                ",".join(
+                    [k["prefix"] for k in c.get("keys", [])]
+                    # Refused, but not yet out of the database.
+                    + [f"{prefix}(revoke unsaved)" for prefix in c.get("revokes_unsaved", [])]
+                )
+                or "-",
             )
         )
     too_long = result.get("too_long")
