@@ -84,4 +84,8 @@ def compression_of(body: bytes) -> str | None:
     C{Content-Encoding} naming it (a client's, or a provider's that
     compressed an answer the gateway did not ask compressed).
     """
+    if body[1:4] == b"\x2a\x4d\x18" and body[:1] >= b"\x50" and body[:1] <= b"\x5f":
+        # A zstd skippable frame (magic 0x184D2A5?, RFC 8878 section
+        # 3.1.2), which may come first: a seekable archive's, a pzstd's.
+        return "zstd"
     return _COMPRESSED.get(body[:4]) or _COMPRESSED.get(body[:2])

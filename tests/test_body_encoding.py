@@ -151,6 +151,24 @@ class BodyEncodingTests(DataPlaneTestCase):
         self.assertEqual(self.upstream_requests(), 0)
 
     @inlineCallbacks
+    def test_zstd_skippable_frame(self):
+        """
+        A zstd stream that begins with a skippable frame (RFC 8878 section
+        3.1.2), whose header is ASCII and so valid UTF-8, is told it looks
+        compressed too (trial s45: "not valid JSON" alone).
+        """
+        gateway = self.gateway()
+        skippable = b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd\x28\xb5\x2f\xfd\x20\x00\x01\x00\x00"
+        response, text = yield self.send(gateway, CHAT, skippable)
+        self.assertEqual(response.code, 400, text)
+        message = self.assertOpenAIError(text, "invalid_json")["message"]
+        self.assertTrue(
+            message.endswith("it looks zstd-compressed, which the gateway does not read: send the JSON uncompressed"),
+            message,
+        )
+        self.assertEqual(self.upstream_requests(), 0)
+
+    @inlineCallbacks
     def test_nan_and_infinity(self):
         """
         NaN and Infinity, which Python's json.dumps writes by default, are

@@ -685,6 +685,15 @@ def json_body(raw: bytes, codings: Sequence[bytes] = ()) -> dict[str, Any]:
                 "them unless given allow_nan=False)",
                 code="invalid_json",
             ) from None
+        compressed = compression_of(raw)
+        if compressed:
+            # Compressed bytes that happen to be UTF-8 (a zstd skippable
+            # frame's header is ASCII).
+            raise bad_request(
+                f"the request body is not valid JSON ({e}): it looks {compressed}-compressed, which the gateway "
+                "does not read: send the JSON uncompressed",
+                code="invalid_json",
+            ) from None
         raise bad_request(f"the request body is not valid JSON ({e})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
