@@ -823,6 +823,8 @@ class GatewayService(SequentialMultiService):
             counters=shared,
             reserve_tokens=settings.consumer_reserve_tokens,
             changed=self._consumer_changed,
+            revoke_unsaved=self._revoke_unsaved,
+            revoke_saved=self._revoke_saved,
             hold_until_loaded=True,
         )
 
@@ -1050,6 +1052,22 @@ class GatewayService(SequentialMultiService):
             # The control factory, built on this lockout: reached through self.
             on_imposed=lambda key: self.factory.close_locked_out(key),
         )
+
+    def _revoke_unsaved(self, revokes: dict[str, tuple[str, str]]) -> None:
+        """
+        Key revokes the database did not take (L{ConsumerTable}'s
+        C{revoke_unsaved}): in a cluster, L{SharedConsumers.share_revokes}.
+        """
+        if self.shared_consumers is not None:
+            self.shared_consumers.share_revokes(revokes)
+
+    def _revoke_saved(self, hashes: list[str]) -> None:
+        """
+        The database took those revokes (L{ConsumerTable}'s
+        C{revoke_saved}): in a cluster, L{SharedConsumers.revokes_saved}.
+        """
+        if self.shared_consumers is not None:
+            self.shared_consumers.revokes_saved(hashes)
 
     def _consumer_changed(self, name: str) -> None:
         """

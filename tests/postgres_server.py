@@ -17,7 +17,14 @@ import socket
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import psycopg
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from openclaw.consumers.store import postgres_conninfo
 from tests.redis_server import free_port
 
 
@@ -107,3 +114,40 @@ def postgres_database() -> str:
         stdout=subprocess.DEVNULL,
     )
     return f"postgresql://postgres@127.0.0.1:{_server.port}/{name}"
+
+
+class Locker:
+    """
+    Another session that holds C{tables} locked (C{ACCESS EXCLUSIVE}, as a
+    migration or a maintenance job would) until L{release}.
+    """
+
+    def __init__(self, testcase: TestCase, database: str) -> None:
+        self.testcase = testcase
+        self.database = database
+        self.connection: psycopg.Connection[Any] | None = None
+
+    @inlineCallbacks
+    def lock(self, *tables: str) -> Any:
+        connection = self.connection = yield deferToThread(psycopg.connect, postgres_conninfo(self.database))
+        self.testcase.addCleanup(self.release)
+        yield deferToThread(connection.execute, f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
+
+    def release(self) -> Deferred[None]:
+        connection, self.connection = self.connection, None
+        if connection is None:
+            return Deferred.fromCoroutine(_nothing())
+
+        def end() -> None:
+            connection.rollback()
+            connection.close()
+
+        return deferToThread(end)
+
+
+async def _nothing() -> None:
+    return None
+
+
+async def _nothing() -> None:
+    return None

@@ -206,6 +206,9 @@ class _Failing:
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         return succeed(None)
 
+    def revokes(self) -> Deferred[Any]:
+        return succeed({})
+
 
 class CaseAloneTests(GatewayCase):
     @inlineCallbacks

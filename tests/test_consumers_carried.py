@@ -378,6 +378,9 @@ class _Answered:
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         return succeed(None)
 
+    def revokes(self) -> Deferred[Any]:
+        return succeed({})
+
 
 class ChainedCarryTests(TestCase):
     def test_chained_carry_judges_lapses_by_its_own_second(self) -> None:

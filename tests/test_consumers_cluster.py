@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -28,9 +29,10 @@ from openclaw.cluster.node import HEARTBEAT_INTERVAL_SECONDS
 from openclaw.consumers.estimate import MAX_TOKEN_COUNT
 from openclaw.consumers.model import Consumer, period_key
 from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, SEED, UNSHARED, UNTOLD, SharedConsumers, SharedCounters
-from openclaw.consumers.table import RESERVATION_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
+from openclaw.consumers.store import ConsumerStore
+from openclaw.consumers.table import RESERVATION_SECONDS, REVOKE_RETRY_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
-from tests.postgres_server import postgres_database
+from tests.postgres_server import Locker, postgres_database
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
 from tests.test_consumers import burst_call, http_get
@@ -274,6 +276,50 @@ class ConsumersOnTwoInstances(TestCase):
         self.assertEqual(status, (200, None))
         yield self.command(on_a, token, "key_revoke", {"name": "other", "key_prefix": other["key_prefix"]})
         yield self.refused_within(on_b_sdk, 1.0, "the revoked key still works on the other instance", 0.05)
+
+    @inlineCallbacks
+    def test_unsaved_revoke_refused_everywhere_and_written_by_another(self) -> Any:
+        """
+        A key revoked on A while the database holds the keys' table (so
+        too a full disk, PostgreSQL down) is refused on B too within 1 s,
+        through Redis; A stops before the database takes it; B writes it
+        once the lock goes, and Redis forgets it.  B served the key until
+        the database took writes again, and A's stop lost the revoke
+        (left s45).
+        """
+        (a, token, on_a, _), (b, _, on_b, api_b) = yield self.two()
+        created = yield self.command(on_a, token, "consumer_create", {"name": "team"})
+        yield self.reaches(on_b, token, "team")
+        on_b_sdk = self.sdk(api_b, created["key"])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status, (200, None))
+        locker = Locker(self, self.database)
+        yield locker.lock("consumer_keys")
+        revoked = yield self.command(on_a, token, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]})
+        self.assertIs(revoked["saved"], False, revoked)
+        self.assertIn("it is kept in Redis, where every instance reads it", revoked["warning"])
+        yield self.refused_within(on_b_sdk, 1.0, "the unsaved revoke did not reach the other instance", 0.05)
+        listed = yield self.command(on_b, token, "consumer_list", {"name": "team"})
+        self.assertEqual(listed["consumers"][0]["revokes_unsaved"], [created["key_prefix"]])
+        yield a.stop()
+        self.assertIn(b"the cluster keeps it in Redis", a.stdout)
+        self.assertIn(b"was revoked on another instance", b.stdout)
+        yield locker.release()
+        store = ConsumerStore.open(self.database, Path("."), reactor)
+        self.addCleanup(store.close)
+        deadline = time.monotonic() + REVOKE_RETRY_SECONDS + 3
+        while True:
+            snapshot = yield store.load(time.time())
+            if not snapshot.keys:
+                break
+            self.assertLess(time.monotonic(), deadline, "the other instance did not write the revoke")
+            yield sleep(0.2)
+        yield sleep(0.3)
+        self.assertEqual(redis_command(self.redis.port, "HLEN", "openclaw:consumers:revoking"), b":0\r\n")
+        listed = yield self.command(on_b, token, "consumer_list", {"name": "team"})
+        self.assertNotIn("revokes_unsaved", listed["consumers"][0])
+        status = yield self.status(on_b_sdk)
+        self.assertEqual(status[0], 401)
 
     @inlineCallbacks
     def test_key_revoked_while_an_instance_stood_still_refused_when_it_resumes(self) -> Any:
@@ -668,6 +714,9 @@ class RedisScripts:
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         return succeed(None)
 
+    def revokes(self) -> Deferred[Any]:
+        return succeed({})
+
 
 class SharedTpmReservations(TestCase):
     timeout = 30
@@ -939,6 +988,9 @@ class Unreachable:
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]:
         return fail(ConnectionRefusedError("Redis is down"))
 
+    def revokes(self) -> Deferred[Any]:
+        return fail(ConnectionRefusedError("Redis is down"))
+
 
 class RedisAwayTests(TestCase):
     def test_counted_per_instance_while_redis_is_away(self) -> None:
@@ -982,6 +1034,9 @@ class _Table:
     def load_unwritten(self) -> Deferred[Any]:
         return Deferred()  # the re-seeding after a reconnection: not the point here
 
+    def adopt_revokes(self, revokes: dict[str, tuple[str, str]]) -> None:
+        pass
+
 
 class _Channel:
     """
@@ -1001,6 +1056,9 @@ class _Channel:
         for deliver in self.bus:
             deliver(instance, name)
         return succeed(1)
+
+    def revokes(self) -> Deferred[Any]:
+        return Deferred() if not self.connected else succeed({})
 
 
 class OneInstanceAwayTests(TestCase):

@@ -247,10 +247,11 @@ class RefusedChangeTests(TestCase):
         self.assertTrue(self.revoke()["saved"])
         self.assertEqual(self.table.revoking, {})
 
-    def test_cluster_says_the_other_instances_serve_it(self) -> None:
+    def test_cluster_says_it_is_kept_in_redis(self) -> None:
         commands = ConsumerCommands(self.table, clock=lambda: 1000.0, cluster=True).handlers()
         revoked = self.successResultOf(commands["key_revoke"]({"name": "team", "key_prefix": self.key.prefix}))
-        self.assertIn("the other instances still serve it: run the same key_revoke on each", revoked["warning"])
+        self.assertIn("it is kept in Redis, where every instance reads it, refuses the key", revoked["warning"])
+        self.assertNotIn("a restart before that serves the key again", revoked["warning"])
 
     def test_stop_says_an_unsaved_revoke_is_lost(self) -> None:
         self.table.start(self.clock)

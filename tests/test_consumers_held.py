@@ -27,46 +27,13 @@ from twisted.trial.unittest import TestCase
 from openclaw.consumers import store as store_module
 from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.prices import PriceTable
-from openclaw.consumers.store import CommandBounds, CommandTimedOut, ConsumerStore, postgres_conninfo
+from openclaw.consumers.store import CommandBounds, CommandTimedOut, ConsumerStore
 from openclaw.consumers.table import REVOKE_RETRY_SECONDS, ConsumerTable, Holder
-from tests.postgres_server import postgres_database
+from tests.postgres_server import Locker, postgres_database
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
 from tests.test_consumers_recreated import usage_row
 from tests.test_dataplane import HELLO
-
-
-class Locker:
-    """
-    Another session that holds C{tables} locked (C{ACCESS EXCLUSIVE}, as a
-    migration or a maintenance job would) until L{release}.
-    """
-
-    def __init__(self, testcase: TestCase, database: str) -> None:
-        self.testcase = testcase
-        self.database = database
-        self.connection: psycopg.Connection[Any] | None = None
-
-    @inlineCallbacks
-    def lock(self, *tables: str) -> Any:
-        connection = self.connection = yield deferToThread(psycopg.connect, postgres_conninfo(self.database))
-        self.testcase.addCleanup(self.release)
-        yield deferToThread(connection.execute, f"LOCK TABLE {', '.join(tables)} IN ACCESS EXCLUSIVE MODE")
-
-    def release(self) -> Deferred[None]:
-        connection, self.connection = self.connection, None
-        if connection is None:
-            return Deferred.fromCoroutine(_nothing())
-
-        def end() -> None:
-            connection.rollback()
-            connection.close()
-
-        return deferToThread(end)
-
-
-async def _nothing() -> None:
-    return None
 
 
 @inlineCallbacks

@@ -262,6 +262,9 @@ class _FailingOnce:
     def publish_consumer(self, instance: str, name: str) -> Any:
         return succeed(1)
 
+    def revokes(self) -> Deferred[Any]:
+        return succeed({})
+
 
 class _Table:
     loaded = True
@@ -274,6 +277,9 @@ class _Table:
 
     def load_unwritten(self) -> Any:
         return Deferred()  # the seed: not the point here
+
+    def adopt_revokes(self, revokes: dict[str, tuple[str, str]]) -> None:
+        pass
 
 
 class MergeFailsTests(TestCase):

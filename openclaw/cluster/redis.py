@@ -9,6 +9,9 @@ Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
 C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
 after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count),
+C{consumers:revoking} (a hash of key revokes an instance could not write
+to the consumers' database yet: a key's SHA-256 hex -> C{consumer<TAB>prefix},
+refused by every instance that reads it until one writes it),
 C{changes} (a hash of counters each change published on the channel adds
 1 to: C{consumers} for a consumer changed, C{expiring} for a key rest or a
 lockout; each heartbeat reads them, so an instance whose subscription went
@@ -257,6 +260,22 @@ return 1
 _CONSUMER = """
 redis.call('HINCRBY', KEYS[1], 'consumers', 1)
 return redis.call('PUBLISH', KEYS[2], ARGV[1])
+"""
+
+#: KEYS: revoking, changes, channel; ARGV: the number of fields, then
+#: field, value pairs (a key's hash, C{consumer<TAB>prefix}), then the
+#: messages.  Key revokes not yet in the database (L{publish_revokes}),
+#: each consumer announced as changed.
+_REVOKES = """
+local fields = tonumber(ARGV[1])
+for i = 2, 1 + 2 * fields, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+for i = 2 + 2 * fields, #ARGV do
+  redis.call('HINCRBY', KEYS[2], 'consumers', 1)
+  redis.call('PUBLISH', KEYS[3], ARGV[i])
+end
+return fields
 """
 
 #: The counters of the hash C{<CLUSTER_NAME>:changes} (see the module):
@@ -999,6 +1018,47 @@ class RedisStore:
         C{consumers}) for the instances that miss the message.
         """
         return self._eval(_CONSUMER, [self._key("changes"), self.channel], [f"c\t{instance}\t{name}"])
+
+    def publish_revokes(self, instance: str, revokes: Mapping[str, tuple[str, str]], names: list[str]) -> Deferred[Any]:
+        """
+        Keep C{revokes} (a key's SHA-256 hex -> (consumer, prefix)), key
+        revokes the database has not taken yet, in C{consumers:revoking},
+        and announce the consumers C{names} as changed (L{publish_consumer}),
+        in one step: an instance told reads them (L{revokes}).
+        """
+        fields = [part for hashed, (name, prefix) in sorted(revokes.items()) for part in (hashed, f"{name}\t{prefix}")]
+        return self._eval(
+            _REVOKES,
+            [self._key("consumers", "revoking"), self._key("changes"), self.channel],
+            [str(len(revokes)), *fields, *(f"c\t{instance}\t{name}" for name in names)],
+        )
+
+    def revokes(self) -> Deferred[dict[str, tuple[str, str]]]:
+        """
+        The key revokes an instance could not write to the database yet
+        (L{publish_revokes}): a key's SHA-256 hex -> (consumer, prefix).
+        """
+
+        def read(reply: Any) -> dict[str, tuple[str, str]]:
+            flat = [part.decode() if isinstance(part, bytes) else str(part) for part in reply or []]
+            revokes: dict[str, tuple[str, str]] = {}
+            for hashed, value in zip(flat[::2], flat[1::2], strict=True):
+                name, tab, prefix = value.partition("\t")
+                if tab:
+                    revokes[hashed] = (name, prefix)
+            return revokes
+
+        return self._eval(
+            "return redis.call('HGETALL', KEYS[1])", [self._key("consumers", "revoking")], []
+        ).addCallback(read)
+
+    def revokes_saved(self, hashes: list[str]) -> Deferred[Any]:
+        """
+        Forget the key revokes of C{hashes}: the database has them.
+        """
+        return self._eval(
+            "return redis.call('HDEL', KEYS[1], unpack(ARGV))", [self._key("consumers", "revoking")], hashes
+        )
 
     def write(
         self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None

@@ -613,19 +613,21 @@ class ConsumerCommands:
             reason = failure.value.reason
             cause = _held(reason) or f"the consumers' database did not take it: {unwritten_error(reason)}"
             advice = sqlite_file_advice(reason)
-            others = (
-                "; the other instances still serve it: run the same key_revoke on each of them (each refuses "
-                "the key from then on)"
+            kept = (
+                "it is kept in Redis, where every instance reads it, refuses the key and writes the revoke "
+                f"again every {REVOKE_RETRY_SECONDS:g} s until the database takes it (consumer_list shows the key "
+                "under revokes_unsaved until then); should Redis lose it before that, a restarted instance serves "
+                "the key again"
                 if self.cluster
-                else ""
+                else f"the gateway writes it again every {REVOKE_RETRY_SECONDS:g} s and logs when it has "
+                "(consumer_list shows the key under revokes_unsaved until then); a restart before that serves the "
+                "key again"
             )
             return answer() | {
                 "saved": False,
                 "warning": (
                     f"the key is refused by this gateway from now on, but the revoke is not saved ({cause}"
-                    f"{'; ' + advice if advice else ''}): the gateway writes it again every "
-                    f"{REVOKE_RETRY_SECONDS:g} s and logs when it has (consumer_list shows the key under "
-                    f"revokes_unsaved until then); a restart before that serves the key again{others}"
+                    f"{'; ' + advice if advice else ''}): {kept}"
                 ),
             }
 

@@ -41,7 +41,7 @@ L{SharedCounters.carry}).
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -626,6 +626,14 @@ class ScriptRunner(Protocol):
     def script(self, source: str, keys: list[str], args: list[str]) -> Deferred[Any]: ...
 
     def publish_consumer(self, instance: str, name: str) -> Deferred[Any]: ...
+
+    def publish_revokes(
+        self, instance: str, revokes: Mapping[str, tuple[str, str]], names: list[str]
+    ) -> Deferred[Any]: ...
+
+    def revokes(self) -> Deferred[dict[str, tuple[str, str]]]: ...
+
+    def revokes_saved(self, hashes: list[str]) -> Deferred[Any]: ...
 
 
 #: L{SharedCounters.unshared} is pruned of lapsed reservations once it
@@ -1371,6 +1379,11 @@ class SharedConsumers:
         self.announced = 0
         self._untold = 0
         self._in_flight: dict[Deferred[bool], int] = {}
+        #: The hashes of the key revokes not saved that Redis holds, as far
+        #: as this instance knows (kept there by it, or read there):
+        #: announced once each (L{share_revokes}).
+        self._revokes_told: set[str] = set()
+        table.revokes_shared = True
 
     def unshared(self, since: int) -> str | Deferred[str | None] | None:
         """
@@ -1431,9 +1444,72 @@ class SharedConsumers:
         for each in (name, *earlier):
             self._send(each)
 
-    def _send(self, name: str) -> None:
+    def share_revokes(self, revokes: dict[str, tuple[str, str]]) -> None:
         """
-        Announce that consumer C{name} changed, counted for L{unshared}; kept
+        Keep key revokes the database did not take (a key's SHA-256 hex ->
+        (consumer, prefix)) in Redis, where the other instances read them
+        (L{read_revokes}) and refuse the keys; their consumers are announced
+        as changed the first time, counted for L{unshared}.  Called at each
+        failed write (every L{openclaw.consumers.table.REVOKE_RETRY_SECONDS}):
+        a Redis that was unreachable, or lost them, gets them then.
+        """
+        if not self.counters.up:
+            return
+        new = {hashed: entry for hashed, entry in revokes.items() if hashed not in self._revokes_told}
+        names = sorted({name for name, _ in new.values()})
+
+        def kept(reply: Any) -> Any:
+            self._revokes_told.update(revokes)
+            return reply
+
+        sent = self.redis.publish_revokes(self.instance, revokes, names).addCallback(kept)
+        if names:
+            self._send(names[0], sent)
+        else:
+            sent.addTimeout(self.counters.timeout, self.counters.reactor)
+            sent.addErrback(lambda reason: None)
+
+    def revokes_saved(self, hashes: list[str]) -> None:
+        """
+        The database has the revokes of the keys C{hashes}: forgotten in
+        Redis.  When Redis does not take it, the instances that read them
+        there write them again (nothing to delete then) and forget them.
+        """
+        self._revokes_told.difference_update(hashes)
+        if not self.counters.up:
+            return
+        forgetting = self.redis.revokes_saved(hashes)
+        forgetting.addTimeout(self.counters.timeout, self.counters.reactor)
+        forgetting.addErrback(lambda reason: None)
+
+    def read_revokes(self) -> None:
+        """
+        Read the key revokes another instance could not write to the
+        database (L{share_revokes}): refused here too, and written from
+        here too (L{ConsumerTable.adopt_revokes}).
+        """
+        if not self.counters.up:
+            return
+
+        def adopt(revokes: dict[str, tuple[str, str]]) -> None:
+            self._revokes_told.update(revokes)
+            self.table.adopt_revokes(revokes)
+
+        def unread(reason: Failure) -> None:
+            self._log.warn(
+                "could not read the key revokes the other instances could not write to the database ({error}); "
+                "read again at the next consumer change or Redis reconnection",
+                error=reason.getErrorMessage() or repr(reason.value),
+            )
+
+        reading = self.redis.revokes()
+        reading.addTimeout(self.counters.timeout, self.counters.reactor)
+        reading.addCallbacks(adopt, unread)
+
+    def _send(self, name: str, sending: Deferred[Any] | None = None) -> None:
+        """
+        Announce that consumer C{name} changed (C{sending}: the announcement
+        under way, made by another script), counted for L{unshared}; kept
         in L{_unannounced} when Redis does not take it.
         """
 
@@ -1449,7 +1525,7 @@ class SharedConsumers:
             )
             return False
 
-        sent = self.redis.publish_consumer(self.instance, name)
+        sent = self.redis.publish_consumer(self.instance, name) if sending is None else sending
         sent.addTimeout(self.counters.timeout, self.counters.reactor)
         self.announced += 1
         serial = self.announced
@@ -1469,6 +1545,9 @@ class SharedConsumers:
         An instance changed consumer C{name}: reload (this instance's own
         changes are in its table already).
         """
+        if instance != self.instance:
+            # A key revoke it could not write to the database, maybe.
+            self.read_revokes()
         if instance != self.instance and self.table.loaded:
             self.table.refresh()
 
@@ -1479,6 +1558,7 @@ class SharedConsumers:
         subscription gone silent without closing (a reload already due
         absorbs this one).
         """
+        self.read_revokes()
         if self.table.loaded:
             self.table.refresh()
 
@@ -1499,6 +1579,8 @@ class SharedConsumers:
             names, self._unannounced = sorted(self._unannounced), set()
             for name in names:
                 self.publish(name)
+        if up:
+            self.read_revokes()
         if up and self.table.loaded:
             self.table.refresh()
             self.merge_windows()
@@ -1541,6 +1623,7 @@ class SharedConsumers:
         if not self._stopped:
             self.watch.start()
         if self.counters.up:
+            self.read_revokes()
             self.seed()
 
     def seed(self) -> None:

@@ -697,6 +697,12 @@ class ConsumerTable:
     @param changed: called with a consumer's name after every change a
         command made to it (in a cluster: announce it,
         L{openclaw.consumers.shared.SharedConsumers.publish}).
+    @param revoke_unsaved: called with the keys of a revoke the database
+        did not take (a key's SHA-256 hex -> (consumer, prefix)), at each
+        try (in a cluster: keep it in Redis for the other instances,
+        L{openclaw.consumers.shared.SharedConsumers.share_revokes}).
+    @param revoke_saved: called with the hashes of a revoke's keys once
+        the database has it (in a cluster: forget it in Redis).
     @param held_log_seconds: how long a write of usage rows the database
         holds goes unsaid, in seconds (L{HELD_LOG_SECONDS} by default).
     @param hold_until_loaded: write no usage rows until the table is
@@ -719,6 +725,8 @@ class ConsumerTable:
         flush_seconds: float = 1.0,
         reserve_tokens: int = 1000,
         changed: Callable[[str], None] = lambda name: None,
+        revoke_unsaved: Callable[[dict[str, tuple[str, str]]], None] = lambda revokes: None,
+        revoke_saved: Callable[[list[str]], None] = lambda hashes: None,
         held_log_seconds: float = HELD_LOG_SECONDS,
         hold_until_loaded: bool = False,
     ) -> None:
@@ -792,6 +800,11 @@ class ConsumerTable:
         #: How many rows the write under way (L{_flushing}) holds.
         self._writing = 0
         self.changed = changed
+        self.revoke_unsaved = revoke_unsaved
+        self.revoke_saved = revoke_saved
+        #: The revokes not saved are kept for the other instances (a
+        #: cluster's, in Redis), not lost at this one's stop.
+        self.revokes_shared = False
         self.held_log_seconds = held_log_seconds
         #: The reactor of L{start}: times the writes the database holds.
         self._reactor: IReactorTime | None = None
@@ -894,6 +907,9 @@ class ConsumerTable:
         )
         flusher.clock = reactor
         flusher.start(self.flush_seconds, now=False).addErrback(lambda f: self._log.failure("usage flusher stopped", f))
+        if self.revoking:
+            # Taken from another instance before the start.
+            self._retry_revokes_later()
 
     def stop(self, reactor: IReactorTime | None = None, until: float | None = None) -> Deferred[None]:
         """
@@ -925,8 +941,13 @@ class ConsumerTable:
         self._revoke_retry = None
         for name, prefix in sorted(set(self.revoking.values())):
             self._log.critical(
-                "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database: "
-                "the key works again when the gateway starts; revoke it again once the database takes writes",
+                "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database "
+                + (
+                    "by this instance: the cluster keeps it in Redis, whose other instances refuse the key and "
+                    "write the revoke (if Redis lost it, revoke the key again once the database takes writes)"
+                    if self.revokes_shared
+                    else "the key works again when the gateway starts; revoke it again once the database takes writes"
+                ),
                 consumer=name,
                 key_prefix=prefix,
             )
@@ -1754,12 +1775,20 @@ class ConsumerTable:
             self._revokes_writing.discard(revoked)
             before = len(self.keys)
             self.keys = {h: entry for h, entry in self.keys.items() if entry != revoked}
+            saved = [h for h, entry in self.revoking.items() if entry == revoked]
             self.revoking = {h: entry for h, entry in self.revoking.items() if entry != revoked}
-            self.changed(name)
-            return max(count, before - len(self.keys))
+            if saved:
+                self.revoke_saved(saved)
+            removed = before - len(self.keys)
+            if count or removed:
+                # Not when another instance wrote it and this table has
+                # it already (each would announce it to every other).
+                self.changed(name)
+            return max(count, removed)
 
         def failed(reason: Failure) -> Failure:
             self._revokes_writing.discard(revoked)
+            self.revoke_unsaved({h: entry for h, entry in self.revoking.items() if entry == revoked})
             self._retry_revokes_later()
             return reason
 
@@ -1782,6 +1811,28 @@ class ConsumerTable:
 
             # Failed: tried again (L{_write_revoke}), said at its first failure.
             self._write_revoke(revoked).addCallbacks(saved, lambda reason: None)
+
+    def adopt_revokes(self, revokes: Mapping[str, tuple[str, str]]) -> None:
+        """
+        Key revokes another instance could not write to the database yet
+        (a cluster's, from Redis: L{openclaw.consumers.shared.SharedConsumers.read_revokes}),
+        a key's SHA-256 hex -> (consumer, prefix): refused here too, and
+        written from here too (L{revoke_key}), each said once.
+        """
+        adopted = {hashed: entry for hashed, entry in revokes.items() if hashed not in self.revoking}
+        if not adopted:
+            return
+        self.revoking.update(adopted)
+        for name, prefix in sorted(set(adopted.values())):
+            self._log.warn(
+                "key ock-{key_prefix} of consumer {consumer!r} was revoked on another instance, which could not "
+                "write the revoke to the database: refused here too, and written from here too every "
+                "{retry_seconds:g} s until the database takes it",
+                consumer=name,
+                key_prefix=prefix,
+                retry_seconds=REVOKE_RETRY_SECONDS,
+            )
+        self._retry_revokes_later()
 
     def unsaved_revokes(self, name: str) -> list[str]:
         """
