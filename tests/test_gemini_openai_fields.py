@@ -389,6 +389,21 @@ class RefusedTests(SynchronousTestCase):
         config = gemini.to_gemini(chat(max_tokens=2**40, max_completion_tokens=7))["generationConfig"]
         self.assertEqual(config["maxOutputTokens"], 7)
 
+    def test_top_k(self) -> None:
+        """
+        top_k (vLLM's, LiteLLM's, the Vercel AI SDK's topK) is Gemini's
+        topK; one Gemini cannot take is a 400 naming it (agent trial s46:
+        dropped without a word).
+        """
+        self.assertEqual(
+            gemini.to_gemini(chat(top_k=5, temperature=1.5))["generationConfig"], {"temperature": 1.5, "topK": 5}
+        )
+        for value in (0, -1, 2**31, 5.0, "5", True):
+            error = refused(chat(top_k=value), "gemini-2.5-flash")
+            self.assertEqual(error.param, "top_k", value)
+            self.assertIn("top_k must be a whole number from 1 to 2147483647 on Gemini (its topK)", error.message)
+        self.assertNotIn("topK", gemini.to_gemini(chat(top_k=None)).get("generationConfig", {}))
+
     def test_no_thinking_off_on_gemini_2_5_pro(self) -> None:
         # Google refuses Gemini 2.5 Pro a thinking budget of 0.
         for model in ("gemini-2.5-pro", "models/gemini-2.5-pro", "gemini-2.5-pro-preview-06-05"):

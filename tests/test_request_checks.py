@@ -206,6 +206,60 @@ class RefusalTests(DataPlaneTestCase):
         self.assertEqual(self.upstream.gemini.last_body["contents"][1]["parts"], [{"text": "No."}])
 
     @inlineCallbacks
+    def test_refusal_part_in_history(self):
+        """
+        OpenAI's refusal content part goes to Kimi as a text part (Moonshot
+        takes text, image_url and video_url parts only), as Gemini gets it
+        as text (agent trial s46: sent to Kimi as it came).
+        """
+        gateway = self.gateway()
+        sdk = self.sdk(gateway)
+        refusal = {
+            "role": "assistant",
+            "content": [{"type": "text", "text": ""}, {"type": "refusal", "refusal": "No."}],
+        }
+        messages = [HELLO[0], refusal, {"role": "user", "content": "Then say hello."}]
+        for model in ("kimi/moonshot-v1-8k", "gemini/gemini-flash-latest"):
+            yield deferToThread(sdk.chat.completions.create, model=model, messages=messages)
+        # The empty text part left out too.
+        self.assertEqual(
+            self.upstream.kimi.last_body["messages"][1],
+            {"role": "assistant", "content": [{"type": "text", "text": "No."}]},
+        )
+        self.assertEqual(self.upstream.gemini.last_body["contents"][1], {"role": "model", "parts": [{"text": "No."}]})
+        # The caller's other messages as they were.
+        self.assertEqual(self.upstream.kimi.last_body["messages"][2], messages[2])
+
+    @inlineCallbacks
+    def test_media_part_in_a_text_only_message(self):
+        """
+        An image in a tool (or system) message is told to go in a user
+        message after it (agent trial s46: "must be one of text here").
+        """
+        gateway = self.gateway()
+        image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+        call = {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{}"}}
+        body = {
+            "model": "kimi/moonshot-v1-8k",
+            "messages": [
+                HELLO[0],
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "see"}, image]},
+            ],
+        }
+        response, text = yield self.post(gateway, body)
+        self.assertEqual(response.code, 400, text)
+        error = self.assertOpenAIError(text)
+        self.assertEqual(error["param"], "messages[2].content[1].type")
+        self.assertIn(
+            "is 'image_url', but a tool message holds text parts only in OpenAI's format: send the image_url part "
+            "in a user message after it",
+            error["message"],
+        )
+        response, text = yield self.post(gateway, {"messages": [{"role": "system", "content": [image]}, HELLO[0]]})
+        self.assertIn("but a system message holds text parts only", self.assertOpenAIError(text)["message"])
+
+    @inlineCallbacks
     def test_still_checked(self):
         gateway = self.gateway()
         for message, param in (

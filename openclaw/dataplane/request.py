@@ -1542,7 +1542,7 @@ def _check_tool_message(message: dict[str, Any], where: str, history: _History) 
             param=f"{where}.tool_call_id",
         )
     del history.unanswered[call_id]
-    _check_content(message.get("content", ...), f"{where}.content", TEXT_PARTS)
+    _check_content(message.get("content", ...), f"{where}.content", TEXT_PARTS, role="tool")
 
 
 def _check_user_or_system_message(
@@ -1562,7 +1562,7 @@ def _check_user_or_system_message(
         # Text, the usual case: nothing more to check.
         return bool(content)
     if role != "user":
-        return _check_content(content, f"{where}.content", TEXT_PARTS)
+        return _check_content(content, f"{where}.content", TEXT_PARTS, role=role)
     return _check_content(content, f"{where}.content", media_kinds.user_parts, media_kinds)
 
 
@@ -1746,9 +1746,17 @@ def no_arguments(arguments: object) -> bool:
     return arguments is None or (isinstance(arguments, str) and not arguments.strip())
 
 
-def _check_content(content: Any, where: str, allowed: frozenset[str], media_kinds: MediaKinds = NO_MEDIA_KINDS) -> bool:
+def _check_content(
+    content: Any,
+    where: str,
+    allowed: frozenset[str],
+    media_kinds: MediaKinds = NO_MEDIA_KINDS,
+    role: str | None = None,
+) -> bool:
     """
     @param allowed: the part types it may hold.
+    @param role: the role of a message whose content is text only (a
+        media part there is told to go in a user message).
     @param media_kinds: the declared part types and URL schemes, checked
         by their own rules (L{_check_media}).
     @return: whether the content holds anything (text or media).
@@ -1774,6 +1782,13 @@ def _check_content(content: Any, where: str, allowed: frozenset[str], media_kind
             kinds = ", ".join(sorted(allowed))
             if kind is None:
                 raise bad_request(f"{at} has no type: give its type, one of {kinds}", param=f"{at}.type")
+            if role is not None and kind in USER_PARTS:
+                # OpenAI's own rule: media go in user messages only.
+                raise bad_request(
+                    f"{at}.type is {kind!r}, but a {role} message holds text parts only in OpenAI's format: send "
+                    f"the {kind} part in a user message after it",
+                    param=f"{at}.type",
+                )
             raise bad_request(
                 f"{at}.type must be one of {kinds} here, the part types the gateway carries (got {kind!r})",
                 param=f"{at}.type",

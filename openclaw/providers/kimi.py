@@ -628,6 +628,7 @@ class KimiAdapter(OpenAICompatibleAdapter):
         google_extras=False,
         usage_shape=moonshot_usage,
         empty_assistant_content=False,
+        refusal_parts=False,
         tool_parameters=moonshot_parameters,
     )
     #: List prices (platform.moonshot.ai/docs/pricing), USD per million tokens.

@@ -106,6 +106,13 @@ class OpenAIWire:
     #: <openclaw.providers.kimi.moonshot_parameters>}), returned as they are
     #: when nothing changes; None: sent as the client wrote them.
     tool_parameters: Callable[[Any], Any] | None = attrs.field(default=None, kw_only=True)
+    #: An assistant message's C{refusal} content parts (OpenAI's
+    #: C{{"type": "refusal", "refusal": ...}}, as an answer's refusal is
+    #: kept in a history) are sent as they are; off (Kimi's: Moonshot's
+    #: content parts are text, image_url and video_url only), each is sent
+    #: as a text part holding the refusal, as its C{refusal} field is made
+    #: text when it has no content.
+    refusal_parts: bool = attrs.field(default=True, kw_only=True)
 
     def request_body(self, chat: ChatRequest, model: str) -> bytes:
         """
@@ -123,10 +130,16 @@ class OpenAIWire:
         if chat.extra_content and not self.google_extras:
             chat = chat.without_google_extras()
         body = {**chat.body, "model": model}
-        if not self.empty_assistant_content:
+        if not self.refusal_parts:
             messages = body["messages"]
             for message in messages:
                 # Validated: each message is an object.
+                if message["role"] == "assistant" and _holds_refusal_part(message):
+                    body["messages"] = [_refusal_parts_as_text(message) for message in messages]
+                    break
+        if not self.empty_assistant_content:
+            messages = body["messages"]
+            for message in messages:
                 if message["role"] == "assistant" and _holds_empty(message):
                     body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
                     break
@@ -834,6 +847,32 @@ def _empty_text(content: Any) -> bool:
 
 def _empty_part(part: Any) -> bool:
     return isinstance(part, dict) and part.get("type") == "text" and part.get("text") == ""
+
+
+def _holds_refusal_part(message: dict[str, Any]) -> bool:
+    content = message.get("content")
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and part.get("type") == "refusal" for part in content
+    )
+
+
+def _refusal_parts_as_text(message: dict[str, Any]) -> dict[str, Any]:
+    """
+    C{message}, when it has C{refusal} content parts, with each as a text
+    part holding its refusal (checked to be a string,
+    L{openclaw.dataplane.request}).
+    """
+    if message.get("role") != "assistant" or not _holds_refusal_part(message):
+        return message
+    return {
+        **message,
+        "content": [
+            {"type": "text", "text": part.get("refusal", "")}
+            if isinstance(part, dict) and part.get("type") == "refusal"
+            else part
+            for part in message["content"]
+        ],
+    }
 
 
 def _holds_empty(message: dict[str, Any]) -> bool:

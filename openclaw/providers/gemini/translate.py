@@ -69,6 +69,7 @@ from openclaw.providers.wire import (
     reported_error,
     with_kind,
 )
+from openclaw.shorten import shortened
 
 #: Google's documented placeholder for a function call Gemini did not sign
 #: (history written by another model,
@@ -120,6 +121,9 @@ _FAILURE_HINTS = MappingProxyType(
 _GENERATION_FIELDS = (
     ("temperature", "temperature"),
     ("top_p", "topP"),
+    # Not OpenAI's: vLLM's, LiteLLM's and the Vercel AI SDK's (topK),
+    # Gemini's own.
+    ("top_k", "topK"),
     ("n", "candidateCount"),
     ("presence_penalty", "presencePenalty"),
     ("frequency_penalty", "frequencyPenalty"),
@@ -812,6 +816,16 @@ def refuse_unsupported(body: dict[str, Any], model: str = "") -> None:
                 param=name,
                 code="integer_below_min_value" if value < INT32_RANGE[0] else "integer_above_max_value",
             )
+    top_k = body.get("top_k")
+    if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= INT32_RANGE[1]):
+        # Not OpenAI's field: unchecked before (a Kimi call sends it as it
+        # is). Gemini's topK is a positive int32; vLLM's -1 and 0 ("off")
+        # have no Gemini value but leaving it out.
+        raise bad_request(
+            f"top_k must be a whole number from 1 to {INT32_RANGE[1]} on Gemini (its topK); send one, or leave "
+            f"top_k out for no top-k limit (got {shortened(repr(top_k), 40)})",
+            param="top_k",
+        )
     sequences = stop_sequences(body)
     if len(sequences) > MAX_STOP_SEQUENCES:
         raise bad_request(
