@@ -1470,6 +1470,7 @@ class EmbeddingTests(DataPlaneTestCase):
             ({"input": "x", "user": 5}, "user", "user must be a string"),
             ({"input": "x", "user": ["u"]}, "user", "user must be a string"),
             ({"input": "x", "model": " KIMI/moonshot-v1-8k"}, "model", "kimi has no embeddings API"),
+            ({"input": "x", "model": "gemni/text-embedding-004"}, "model", "did you mean gemini/text-embedding-004?"),
         ):
             response, text = yield self.post(gateway, body, path="/v1/embeddings")
             self.assertEqual(response.code, 400, body)

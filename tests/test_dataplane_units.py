@@ -671,8 +671,25 @@ class RequestTests(SynchronousTestCase):
         self.assertEqual(
             choose_route("gemini/models/gemini-2.5-pro", active, ids), Route("gemini", "models/gemini-2.5-pro")
         )
-        for other in (None, "gpt-4o", "openai/gpt-4o", "moonshot-v1-8k", "kimi-k2/x", "kimi moonshot-v1-8k"):
+        for other in (
+            None,
+            "gpt-4o",
+            "openai/gpt-4o",
+            "google/gemini-2.5-pro",
+            "moonshot/kimi-k2.5",
+            "moonshot-v1-8k",
+            "kimi-k2/x",
+            "gemma/x",
+            "mini/x",
+            "kimi moonshot-v1-8k",
+        ):
             self.assertEqual(choose_route(other, active, ids), active)
+        # A provider's id misspelled: plainly meant to pick a model (agent
+        # trial s46: served by the active route without a word).
+        for typo, meant in (("gemeni/gemini-2.5-pro", "gemini/gemini-2.5-pro"), ("Kimmi/kimi-k2.5", "kimi/kimi-k2.5")):
+            error = self.assertRaises(APIError, choose_route, typo, active, ids)
+            self.assertEqual((error.status, error.param), (400, "model"))
+            self.assertIn(f"names no provider of this gateway: did you mean {meant}?", error.message)
         self.assertRaises(APIError, choose_route, "kimi/ ", active, ids)
         # The provider's id in any case, space around the whole ignored: a
         # client pinning Kimi is not moved to the active provider unseen.

@@ -47,6 +47,7 @@ from openclaw.dataplane.request import (
     content_encoding,
     integer_field,
     json_body,
+    refuse_misspelled_provider,
     requested_model,
     string_field,
 )
@@ -166,6 +167,8 @@ def parse_embedding_request(
                 raise bad_request(f"model {model!r} names no model; use {prefix}/<model>", param="model") from None
             provider_id = prefix
             configured = False
+        elif slash:
+            refuse_misspelled_provider(model, prefix, name, providers.ids)
     if provider_id not in providers.ids or providers.get(provider_id).embeddings is None:
         raise bad_request(
             f"no declared provider serves EMBEDDING_MODEL ({default_provider}/{default_model}); "

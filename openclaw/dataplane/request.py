@@ -39,6 +39,7 @@ from openclaw.dataplane.errors import (
 )
 from openclaw.routing import Route, model_refusal
 from openclaw.shorten import shortened
+from openclaw.spelling import meant
 from openclaw.web import compression_of
 
 #: Roles accepted; "developer" (OpenAI's newer name) means system, and
@@ -2067,4 +2068,27 @@ def choose_route(model: Any, active: Route, provider_ids: tuple[str, ...]) -> Ro
             if not name.strip():
                 raise bad_request(f"model {model!r} names no model; use {provider_id}/<model>", param="model")
             return Route(provider_id, name.strip())
+        if slash:
+            refuse_misspelled_provider(model, provider_id, name, provider_ids)
     return active
+
+
+def refuse_misspelled_provider(model: str, prefix: str, name: str, provider_ids: Iterable[str]) -> None:
+    """
+    Refuse a C{model} whose C{prefix} before its slash (in lower case) is
+    a provider's id misspelled (C{gemeni/...}): plainly meant to pick a
+    model, it would be the active route's.  Another prefix (C{openai/},
+    OpenRouter's C{google/}) is a hard-coded name, ignored as any other.
+
+    @raise APIError: 400 naming C{model}, saying what was meant.
+    """
+    close = meant(prefix, provider_ids)
+    # A letter wrong, missing, added or swapped: not a shorter or longer
+    # word that contains the id's letters (mini/..., gemini's).
+    if close is not None and abs(len(close) - len(prefix)) <= 1:
+        raise bad_request(
+            f"model {shortened(model, 80)!r} names no provider of this gateway: did you mean "
+            f"{close}/{shortened(name.strip(), 64)}? (a model of another form is not looked at: the call goes "
+            "to the active provider and model)",
+            param="model",
+        )
