@@ -122,6 +122,15 @@ class ParseRequestTests(TestCase):
         parsed = self.parse("--token", "T", "switch-provider", "kimi", "--model", "moonshot-v1-32k")
         self.assertEqual(parsed.cmd, "switch_provider")
         self.assertEqual(parsed.data, {"provider": "kimi", "model": "moonshot-v1-32k"})
+        # The model as an argument too (agent trial s46: "unrecognized arguments").
+        parsed = self.parse("--token", "T", "switch-provider", "gemini", "gemini-2.5-pro")
+        self.assertEqual(parsed.data, {"provider": "gemini", "model": "gemini-2.5-pro"})
+        parsed = self.parse("--token", "T", "switch-provider", "gemini", "gemini-2.5-pro", "--model", "gemini-2.5-pro")
+        self.assertEqual(parsed.data, {"provider": "gemini", "model": "gemini-2.5-pro"})
+        error = self.assertRaises(
+            ctl.UsageError, self.parse, "--token", "T", "switch-provider", "gemini", "a", "--model", "b"
+        )
+        self.assertIn("two models given (a and --model b): give one", str(error))
 
     def test_options_after_the_command(self):
         """

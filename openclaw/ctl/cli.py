@@ -222,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("status", "show the active provider and model, uptime and connections")
     switch = command("switch-provider", "route requests to another provider")
     switch.add_argument("provider", help="the provider id, as health-check lists it")
-    switch.add_argument("--model", help="the model to use (default: the provider's configured default)")
+    switch.add_argument(
+        "model_id",
+        nargs="?",
+        metavar="model",
+        help="the model to use (default: the provider's configured default); or --model",
+    )
+    switch.add_argument("--model", help="the model to use, as the model argument")
     command("health-check", "probe every provider's models listing")
     command("rotate-token", "replace the session token; every earlier token stops working")
     _consumer_commands(command)
@@ -594,8 +600,11 @@ def parse_request(argv: Sequence[str], environ: Mapping[str, str]) -> Request:
         cmd, data = consumer_request(args)
     if cmd == "switch_provider":
         data = {"provider": args.provider}
-        if args.model is not None:
-            data["model"] = args.model
+        if args.model is not None and args.model_id is not None and args.model != args.model_id:
+            raise UsageError(f"switch-provider: two models given ({args.model_id} and --model {args.model}): give one")
+        model = args.model if args.model is not None else args.model_id
+        if model is not None:
+            data["model"] = model
     if cmd == "rotate_token" and args.token_file is not None:
         _check_writable(args.token_file)
     timeout = args.timeout or (HEALTH_CHECK_TIMEOUT if cmd == "health_check" else DEFAULT_TIMEOUT)
