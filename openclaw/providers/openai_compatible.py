@@ -130,18 +130,15 @@ class OpenAIWire:
         if chat.extra_content and not self.google_extras:
             chat = chat.without_google_extras()
         body = {**chat.body, "model": model}
-        if not self.refusal_parts:
+        if not (self.refusal_parts and self.empty_assistant_content):
             messages = body["messages"]
             for message in messages:
                 # Validated: each message is an object.
-                if message["role"] == "assistant" and _holds_refusal_part(message):
-                    body["messages"] = [_refusal_parts_as_text(message) for message in messages]
-                    break
-        if not self.empty_assistant_content:
-            messages = body["messages"]
-            for message in messages:
-                if message["role"] == "assistant" and _holds_empty(message):
-                    body["messages"] = [sent for sent in map(_without_empty_content, messages) if sent is not None]
+                if message["role"] == "assistant" and (
+                    (not self.refusal_parts and _holds_refusal_part(message))
+                    or (not self.empty_assistant_content and _holds_empty(message))
+                ):
+                    body["messages"] = self._assistant_messages(messages)
                     break
         if self.tool_parameters is not None and body.get("tools"):
             tools = body["tools"]
@@ -154,6 +151,18 @@ class OpenAIWire:
             # usage chunk is taken out on the way back (OpenAIStream).
             body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
         return orjson.dumps(body)
+
+    def _assistant_messages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """
+        C{messages} with their assistant messages as the provider takes
+        them: refusal parts as text unless L{refusal_parts}, without empty
+        content (or left out) unless L{empty_assistant_content}.
+        """
+        if not self.refusal_parts:
+            messages = [_refusal_parts_as_text(message) for message in messages]
+        if not self.empty_assistant_content:
+            messages = [sent for sent in map(_without_empty_content, messages) if sent is not None]
+        return messages
 
     def completion(
         self, body: bytes, model: str, created: int, chat: ChatRequest | None = None, log: ILogObserver | None = None
