@@ -1445,7 +1445,11 @@ class EmbeddingTests(DataPlaneTestCase):
         gateway = self.gateway()
         response, text = yield self.post(gateway, {"input": "x", "dimensions": 99999}, path="/v1/embeddings")
         self.assertEqual(response.code, 400, text)
-        self.assertIn("between 1 and 3072", self.assertOpenAIError(text)["message"])
+        error = self.assertOpenAIError(text)
+        self.assertIn("between 1 and 3072", error["message"])
+        # Named, with what to do (agent trial s46: param null).
+        self.assertEqual(error["param"], "dimensions")
+        self.assertIn("send dimensions within the range Google names", error["message"])
         sent = self.upstream.gemini.requests
         for dimensions in (2**31, 2**40):
             response, text = yield self.post(gateway, {"input": "x", "dimensions": dimensions}, path="/v1/embeddings")

@@ -25,6 +25,7 @@ from openclaw.providers.gemini.errors import (
     GOOGLE_FAILED_PRECONDITION,
     GOOGLE_INVALID_ARGUMENT,
     GOOGLE_KEY_INVALID,
+    GOOGLE_OUTPUT_DIMENSIONALITY,
     GOOGLE_STATUSES,
     google_error_reasons,
     google_error_status,
@@ -95,7 +96,8 @@ class GeminiAdapter(ProviderAdapter):
         request nor the key: L{RefusalKind.ACCOUNT}.  A C{400
         INVALID_ARGUMENT} for a prompt over the model's context window
         (L{GOOGLE_CONTEXT_EXCEEDED}) is OpenAI's C{context_length_exceeded},
-        which agents act on.
+        which agents act on.  One naming the embedding request's
+        C{outputDimensionality} names OpenAI's C{dimensions}.
         """
         refusal = super().refusal(status, body, retry_after)
         if status == 400 and GOOGLE_KEY_INVALID in google_error_reasons(body):
@@ -109,6 +111,16 @@ class GeminiAdapter(ProviderAdapter):
             and google_error_status(body) == GOOGLE_INVALID_ARGUMENT
         ):
             return attrs.evolve(refusal, code=CONTEXT_LENGTH_EXCEEDED)
+        if (
+            status == 400
+            and refusal.kind == RefusalKind.REQUEST
+            and GOOGLE_OUTPUT_DIMENSIONALITY.search(refusal.message)
+        ):
+            return attrs.evolve(
+                refusal,
+                param="dimensions",
+                advice="send dimensions within the range Google names, or leave it out for the model's whole vector",
+            )
         return refusal
 
     def retry_delay(self, body: bytes) -> float | None:

@@ -34,6 +34,11 @@ GOOGLE_INVALID_ARGUMENT = "INVALID_ARGUMENT"
 #: maximum number of tokens allowed (1048576)." (as its users quote it:
 #: google-gemini/gemini-cli#4231, #6678).
 GOOGLE_CONTEXT_EXCEEDED = re.compile(r"input token count\b.{0,40}\bexceeds the maximum number of tokens", re.IGNORECASE)
+#: Google's words naming the embedding request's C{outputDimensionality}
+#: (in its proto's snake case in a 400's field violations:
+#: "EmbedContentRequest.output_dimensionality: ..."), OpenAI's
+#: C{dimensions}.
+GOOGLE_OUTPUT_DIMENSIONALITY = re.compile(r"\boutput_?dimensionality\b", re.IGNORECASE)
 
 #: Google's canonical codes (C{google.rpc.Code}, googleapis
 #: C{google/rpc/code.proto}) to the HTTP status each maps to.
