@@ -1037,6 +1037,7 @@ class GatewayService(SequentialMultiService):
             where=masked_url(settings.redis_url),
             on_consumers=self.shared_consumers.missed,
             on_lost=self.shared_consumers.lost,
+            on_writable=self.shared_consumers.writable,
             clock=self.cluster_clock,
             cluster_name=settings.cluster_name,
             database=redis_database(settings.redis_url) or 0,

@@ -1372,6 +1372,7 @@ class _Node:
     """
 
     up = False
+    instance = "a"
 
     def __init__(self) -> None:
         self.in_step: Deferred[None] = Deferred()
@@ -1438,6 +1439,38 @@ class StoreConnections(TestCase):
         while self.clients() and time.monotonic() < deadline:
             time.sleep(0.01)
         self.assertEqual(self.clients(), 0)
+
+    @inlineCallbacks
+    def test_epoch(self):
+        """
+        The heartbeat script's epoch: made by the first heartbeat, the same
+        at the next, another after a FLUSHALL (what tells every instance
+        the store lost its keys, whoever wrote the state back first).
+        """
+        store = yield self.connected_store(self.redis.url)
+        first = yield store.heartbeat("a", 30, ("route", "token"), True)
+        again = yield store.heartbeat("a", 30, ("route", "token"), True)
+        self.assertEqual(len(first.epoch), 32)
+        self.assertEqual(again.epoch, first.epoch)
+        self.assertEqual(redis_command(self.redis, "GET", "p:epoch"), b"$32\r\n" + first.epoch.encode() + b"\r\n")
+        redis_command(self.redis, "FLUSHALL")
+        flushed = yield store.heartbeat("a", 30, ("route", "token"), True)
+        self.assertNotEqual(flushed.epoch, first.epoch)
+
+    @inlineCallbacks
+    def test_unsaved_revokes(self):
+        """
+        The key revokes kept for the other instances: written with their
+        consumers' announcements, read back, forgotten.
+        """
+        store = yield self.connected_store(self.redis.url)
+        yield store.publish_revokes("a", {"h1": ("team", "Pre00001"), "h2": ("ops", "Pre00002")}, ["team", "ops"])
+        revokes = yield store.revokes()
+        self.assertEqual(revokes, {"h1": ("team", "Pre00001"), "h2": ("ops", "Pre00002")})
+        self.assertEqual(redis_command(self.redis, "HGET", "p:changes", "consumers"), b"$1\r\n2\r\n")
+        yield store.revokes_saved(["h1"])
+        revokes = yield store.revokes()
+        self.assertEqual(revokes, {"h2": ("ops", "Pre00002")})
 
     @inlineCallbacks
     def test_password_kept_out_of_the_identity(self):

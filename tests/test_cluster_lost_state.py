@@ -28,7 +28,7 @@ from openclaw.cluster import ClusterNode, MemoryStore
 from openclaw.cluster.membership import MEMBERSHIP_FILE, Membership, Recorded, store_identity
 from openclaw.cluster.node import MAX_STALE_READS, WRITE_BACK_POLL_SECONDS
 from openclaw.cluster.records import ROUTE, TOKEN, decode_token, encode_route, encode_token, is_restored, provenance
-from openclaw.cluster.store import Versioned
+from openclaw.cluster.store import Versioned, WriteRefused
 from openclaw.files import write_atomically
 from openclaw.routing import MAX_MODEL_CHARS, ActiveRoute, Route
 from openclaw.session import SessionAuthority
@@ -467,6 +467,60 @@ class LostState(TestCase):
         self.clock.advance(10)
         self.assertEqual(told, [None])
         self.clock.advance(10)
+        self.assertEqual(told, [None])
+
+    def test_flushed_state_told_to_every_node(self) -> None:
+        """
+        The store emptied in place: the node whose heartbeat first finds
+        it writes the state back; the others, which then find their
+        versions, learn it from the store's new epoch, and each tells
+        C{on_lost} once (trial s46: only the first put its last minute of
+        calls back, and the rpm limit passed).
+        """
+        told: list[str] = []
+        nodes = [self.node(name, on_lost=lambda name=name: told.append(name)) for name in ("c", "d")]
+        for node in nodes:
+            node.connected()
+            node.start()
+            self.addCleanup(node.stop)
+        self.clock.advance(10)
+        self.store.flush()
+        events = capture_log_events(self)
+        self.clock.advance(10)
+        self.clock.advance(10)
+        self.assertEqual(sorted(told), ["c", "d"])
+        said = [
+            formatEvent(e) for e in events if "lost its keys since this instance's last heartbeat" in formatEvent(e)
+        ]
+        self.assertEqual(len(said), 1, said)
+        self.clock.advance(30)
+        self.assertEqual(sorted(told), ["c", "d"])
+
+    def test_writes_taken_again_told(self) -> None:
+        """
+        The store refused the heartbeats (out of memory, read-only) and
+        takes them again: C{on_writable}, once, and said (trial s46: the
+        calls counted alone meanwhile never reached the store, no outage
+        having been seen).
+        """
+        told: list[None] = []
+        node = self.node("c", on_writable=lambda: told.append(None))
+        node.connected()
+        node.start()
+        self.addCleanup(node.stop)
+        self.clock.advance(10)
+        self.assertEqual(told, [])
+        beat = self.store.heartbeat
+        refusal = WriteRefused("OOM command not allowed when used memory > 'maxmemory'", "free memory")
+        self.store.heartbeat = lambda *args: fail(refusal)  # type: ignore[method-assign]
+        self.clock.advance(30)
+        self.assertEqual(told, [])
+        self.store.heartbeat = beat  # type: ignore[method-assign]
+        events = capture_log_events(self)
+        self.clock.advance(10)
+        self.assertEqual(told, [None])
+        self.assertTrue(any("the cluster store takes writes again" in formatEvent(e) for e in events))
+        self.clock.advance(30)
         self.assertEqual(told, [None])
 
     def test_flushed_in_place_newcomer_first_at_the_same_version(self) -> None:

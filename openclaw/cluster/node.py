@@ -335,7 +335,11 @@ class ClusterNode:
     @param on_lost: called when a heartbeat finds that the store lost the
         state this instance knows in place (flushed, evicted, restarted
         under the connection), once it writes that state back: the store's
-        other keys went with it.
+        other keys went with it; so too when its epoch changed (another
+        instance wrote that state back first).
+    @param on_writable: called when the store takes a heartbeat again
+        after refusing them (out of memory, read-only): what this instance
+        counted alone meanwhile goes to it.
     @param clock: the cluster's clock, which the node keeps measured
         (shared with whatever else judges the cluster's state by it).
     @param cluster_name: C{CLUSTER_NAME}, and C{database} the store's
@@ -383,6 +387,7 @@ class ClusterNode:
         where: str = "",
         on_consumers: Callable[[], None] = lambda: None,
         on_lost: Callable[[], None] = lambda: None,
+        on_writable: Callable[[], None] = lambda: None,
         clock: ClusterClock | None = None,
         cluster_name: str = "openclaw",
         database: int = 0,
@@ -404,6 +409,7 @@ class ClusterNode:
         self._on_foreign_token = on_foreign_token
         self._on_consumers = on_consumers
         self._on_lost = on_lost
+        self._on_writable = on_writable
         self.clock = ClusterClock(reactor) if clock is None else clock
         #: The counters of the changes published, as the last heartbeat
         #: (or reload) read them (L{Heartbeat.changes}); None before.
@@ -464,6 +470,9 @@ class ClusterNode:
         #: Why the store refuses this instance's heartbeats (a write it
         #: refuses, L{WriteRefused}), while it does: said once.
         self._heartbeat_refused: str | None = None
+        #: The store's epoch as the last heartbeat read it
+        #: (L{Heartbeat.epoch}); "" before the first.
+        self._epoch = ""
         #: Why the cluster's token was last refused (not signed with this
         #: instance's JWT_SECRET), if it was.
         self._foreign_token: str | None = None
@@ -577,6 +586,12 @@ class ClusterNode:
         self._empty_since = None
         # Back up, it looks again (Redis may be another server now).
         self._namesakes_looked = None
+        # Back up, the consumers catch up on what this instance counted
+        # meanwhile (the reconnection does it: on_up), whatever the store
+        # lost or refused before: the next heartbeat's epoch and answer
+        # start afresh, not taken for a loss or a refusal that ended.
+        self._epoch = ""
+        self._heartbeat_refused = None
         self._set_up(False, reason)
 
     def still_down(self, reason: str) -> None:
@@ -1699,7 +1714,18 @@ class ClusterNode:
 
         def seen(heartbeat: Heartbeat) -> None:
             self._missed_beats = 0
-            self._heartbeat_refused = None
+            refused, self._heartbeat_refused = self._heartbeat_refused, None
+            if refused is not None and self.up:
+                # The store refused writes (out of memory, read-only), and
+                # was never down: the consumers' calls counted here alone
+                # meanwhile, and their changes not announced, go to it
+                # now that it takes them (trial s46: limits passed).
+                self._log.info(
+                    "the cluster store takes writes again (it refused them: {reason}); adding the consumer calls "
+                    "this instance counted alone meanwhile",
+                    reason=refused,
+                )
+                self._on_writable()
             self.instances_seen = max(1, heartbeat.alive)
             self._heard(heartbeat, sent)
             self._look_for_namesakes()
@@ -1709,6 +1735,18 @@ class ClusterNode:
             if not self._connected or self._catching_up is not None:
                 return  # stopped or gone meanwhile, or a look already due
             lost = sorted(name for name, version in heartbeat.versions.items() if version < self.versions.get(name, 0))
+            epoch, self._epoch = self._epoch, heartbeat.epoch
+            if not lost and epoch and heartbeat.epoch and heartbeat.epoch != epoch and self.up:
+                # Another instance wrote the route and token back first
+                # (trial s46: only the first to see the loss put its calls
+                # back): the rest of the store's keys (the consumers'
+                # windows, the spends' marker) went all the same.
+                self._log.warn(
+                    "the cluster store lost its keys since this instance's last heartbeat (flushed, evicted or "
+                    "restarted empty; another instance wrote the route and token back); adding this instance's "
+                    "last minute of consumer calls back"
+                )
+                self._on_lost()
             if lost and self.up:
                 # Versions never go down: the store lost these (FLUSHALL,
                 # FLUSHDB, an eviction, a restart the connection survived).

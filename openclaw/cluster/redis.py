@@ -9,6 +9,8 @@ Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
 C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
 after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count),
+C{epoch} (a random mark, set by the first heartbeat that finds none: a
+new one tells every instance the store lost its keys),
 C{consumers:revoking} (a hash of key revokes an instance could not write
 to the consumers' database yet: a key's SHA-256 hex -> C{consumer<TAB>prefix},
 refused by every instance that reads it until one writes it),
@@ -204,11 +206,12 @@ return 1
 """
 )
 
-#: KEYS: instances, changes, channel, then the values' hashes.  ARGV: TTL
-#: (seconds), instance, mark ('1' or '0'), the probe to publish ('' for
-#: none), then the counters of C{changes} to read.  Reply: the instances
-#: alive, Redis's clock (milliseconds), the counters, then each value's
-#: version and value.
+#: KEYS: instances, changes, channel, then the values' hashes, then epoch.
+#: ARGV: TTL (seconds), instance, mark ('1' or '0'), the probe to publish
+#: ('' for none), a new epoch (set when the store has none), then the
+#: counters of C{changes} to read.  Reply: the instances alive, Redis's
+#: clock (milliseconds), the store's epoch, the counters, then each
+#: value's version and value.
 _HEARTBEAT = (
     _EXPIRY
     + """
@@ -220,11 +223,16 @@ end
 if ARGV[4] ~= '' then
   redis.call('PUBLISH', KEYS[3], ARGV[4])
 end
-local found = {redis.call('ZCARD', KEYS[1]), now}
-for i = 5, #ARGV do
+local epoch = redis.call('GET', KEYS[#KEYS])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[#KEYS], epoch)
+end
+local found = {redis.call('ZCARD', KEYS[1]), now, epoch}
+for i = 6, #ARGV do
   table.insert(found, tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0'))
 end
-for i = 4, #KEYS do
+for i = 4, #KEYS - 1 do
   local held = redis.call('HMGET', KEYS[i], 'version', 'value')
   table.insert(found, tonumber(held[1] or '0'))
   table.insert(found, held[2] or '')
@@ -1161,8 +1169,9 @@ class RedisStore:
         sent = self._probe
 
         def heard(reply: list[Any]) -> Heartbeat:
-            counters = reply[2 : 2 + len(CHANGES)]
-            held = reply[2 + len(CHANGES) :]
+            epoch = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
+            counters = reply[3 : 3 + len(CHANGES)]
+            held = reply[3 + len(CHANGES) :]
             values = [value.decode() if isinstance(value, bytes) else str(value) for value in held[1::2]]
             return Heartbeat(
                 int(reply[0]),
@@ -1170,6 +1179,7 @@ class RedisStore:
                 dict(zip(names, values, strict=True)),
                 now=int(reply[1]) / 1000,
                 changes={name: int(count) for name, count in zip(CHANGES, counters, strict=True)},
+                epoch=epoch,
             )
 
         def failed(failure: Failure) -> Failure:
@@ -1186,8 +1196,9 @@ class RedisStore:
                 self._key("changes"),
                 self.channel,
                 *(self._key("state", name) for name in names),
+                self._key("epoch"),
             ],
-            [str(ttl_seconds), instance, "1" if mark else "0", probe, *CHANGES],
+            [str(ttl_seconds), instance, "1" if mark else "0", probe, uuid.uuid4().hex, *CHANGES],
         ).addCallbacks(heard, failed)
 
     def other_databases(self) -> Deferred[tuple[int, ...]]:

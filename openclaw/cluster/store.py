@@ -58,6 +58,11 @@ class Heartbeat:
     values: dict[str, str] = attrs.field(factory=dict)
     now: float | None = None
     changes: dict[str, int] = attrs.field(factory=dict)
+    #: The store's epoch: a random mark the first heartbeat to find none
+    #: writes (C{<CLUSTER_NAME>:epoch}, set if absent); another than the
+    #: one a node saw last means the store lost its keys, whoever wrote
+    #: the route and token back.
+    epoch: str = ""
 
 
 #: Called with (name, version, value, origin) for every write anyone makes.
@@ -239,6 +244,9 @@ class MemoryStore:
         self.namesakes: tuple[int, ...] | Exception = ()
         #: How many times L{other_databases} was asked.
         self.namesake_looks = 0
+        #: The store's epoch (L{Heartbeat.epoch}): made by the first
+        #: heartbeat that finds none.
+        self.epoch = ""
 
     def flush(self) -> None:
         """
@@ -250,6 +258,7 @@ class MemoryStore:
         for held in (self.values, self.alive, self.rests, self.failures, self.locks, self.receipts):
             held.clear()
         self.changes = dict.fromkeys(self.changes, 0)
+        self.epoch = ""
 
     def write(
         self, name: str, value: str, origin: str, receipt: str, known: int, token_jti: str | None = None
@@ -379,7 +388,9 @@ class MemoryStore:
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
         values = {name: self.values[name].value if name in self.values else "" for name in names}
         alive = sum(1 for until in self.alive.values() if until > now)
-        return succeed(Heartbeat(alive, versions, values, now=now, changes=dict(self.changes)))
+        if not self.epoch:
+            self.epoch = uuid.uuid4().hex
+        return succeed(Heartbeat(alive, versions, values, now=now, changes=dict(self.changes), epoch=self.epoch))
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self.up:

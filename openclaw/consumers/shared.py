@@ -1586,6 +1586,17 @@ class SharedConsumers:
             self.merge_windows()
             self.seed()
 
+    def writable(self) -> None:
+        """
+        Redis takes writes again after refusing them (out of memory with
+        C{noeviction}, a read-only replica promoted), without having been
+        away: as when it comes back (L{up}), the calls counted here alone
+        meanwhile go to its windows and their reservations to its, the
+        changes not announced are announced, and the table is reloaded.
+        """
+        if self.counters.up:
+            self.up(True)
+
     def lost(self) -> None:
         """
         Redis lost its keys in place (a heartbeat found the cluster's state
