@@ -861,6 +861,7 @@ class GatewayService(SequentialMultiService):
             self._reactor,
             self._log,
             deadline=lambda: self._stopping_at + settings.shutdown_grace_seconds,
+            identified=self._consumers_identified,
         )
 
     def _build_control_plane(self, shared_clock: Callable[[], float]) -> None:
@@ -1053,6 +1054,15 @@ class GatewayService(SequentialMultiService):
             # The control factory, built on this lockout: reached through self.
             on_imposed=lambda key: self.factory.close_locked_out(key),
         )
+
+    def _consumers_identified(self, identity: str, where: str) -> None:
+        """
+        The consumers' database is known (L{ConsumersService}'s
+        C{identified}): in a cluster, its heartbeats carry it, and compare
+        it with the other instances'.
+        """
+        if self.cluster is not None:
+            self.cluster.consumers_database = (identity, where)
 
     def _revoke_unsaved(self, revokes: dict[str, tuple[str, str]]) -> None:
         """

@@ -1456,6 +1456,23 @@ class StoreConnections(TestCase):
         redis_command(self.redis, "FLUSHALL")
         flushed = yield store.heartbeat("a", 30, ("route", "token"), True)
         self.assertNotEqual(flushed.epoch, first.epoch)
+        self.assertEqual(flushed.databases, frozenset())
+
+    @inlineCallbacks
+    def test_databases(self):
+        """
+        The heartbeat script's consumers' databases: each instance's, kept
+        while it is marked alive (not when it only looks), read by all.
+        """
+        store = yield self.connected_store(self.redis.url)
+        beat = yield store.heartbeat("a", 30, ("route", "token"), True, "db-1")
+        self.assertEqual(beat.databases, frozenset({"db-1"}))
+        beat = yield store.heartbeat("b", 30, ("route", "token"), False, "db-2")
+        self.assertEqual(beat.databases, frozenset({"db-1"}))
+        beat = yield store.heartbeat("b", 30, ("route", "token"), True, "db-2")
+        self.assertEqual(beat.databases, frozenset({"db-1", "db-2"}))
+        beat = yield store.heartbeat("c", 30, ("route", "token"), True)
+        self.assertEqual(beat.databases, frozenset({"db-1", "db-2"}))
 
     @inlineCallbacks
     def test_unsaved_revokes(self):

@@ -751,6 +751,73 @@ class Healing(TestCase):
         self.assertLessEqual(max(delays), 5.0)
 
 
+class ConsumersDatabases(TestCase):
+    """
+    Instances of one cluster whose consumers are in different databases
+    (a DATABASE_URL mistyped on one): said once by each, with its own
+    database, and once more when they agree again (trial s46: a cluster
+    key refused, 401, by one instance in N, and nothing said).
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_800_000_000)
+        self.store = MemoryStore(self.clock.seconds)
+        self.events = capture_log_events(self)
+
+    def node(self, name: str, database: tuple[str, str] | None) -> ClusterNode:
+        node = ClusterNode(
+            self.store,
+            ActiveRoute(Route("gemini", "g-1")),
+            SessionAuthority(SECRET, 3600, clock=self.clock.seconds),
+            name,
+            self.clock,
+            1.0,
+            ("gemini", "kimi"),
+        )
+        node.consumers_database = database
+        node.connected()
+        node.start()
+        return node
+
+    def said(self, words: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if words in formatEvent(e)]
+
+    def test_split_said_once_by_each(self) -> None:
+        a = self.node("a", ("id-a", "postgresql://pg/prod (DATABASE_URL)"))
+        self.addCleanup(a.stop)
+        b = self.node("b", ("id-b", "postgresql://pg/prdo (DATABASE_URL)"))
+        # Not known yet (its database not loaded): nothing to compare.
+        c = self.node("c", None)
+        self.addCleanup(c.stop)
+        for _ in range(3):
+            self.clock.advance(10)
+        lines = self.said("other consumers' database(s)")
+        self.assertEqual(len(lines), 2, lines)
+        self.assertTrue(
+            any(
+                "besides this instance's, postgresql://pg/prod (DATABASE_URL) (identity id-a)" in line for line in lines
+            )
+        )
+        self.assertTrue(any("(identity id-a) besides this instance's, postgresql://pg/prdo" in line for line in lines))
+        self.assertIn("give every instance the same DATABASE_URL", lines[0])
+        # B stopped: once its mark lapses, A says they agree again.
+        b.stop()
+        self.store.databases.pop("id-b")
+        self.clock.advance(10)
+        self.assertEqual(len(self.said("uses this instance's consumers' database postgresql://pg/prod")), 1)
+        self.clock.advance(10)
+        self.assertEqual(len(self.said("other consumers' database(s)")), 2)
+
+    def test_one_database_nothing_said(self) -> None:
+        for name in ("a", "b"):
+            node = self.node(name, ("id-a", "postgresql://pg/prod"))
+            self.addCleanup(node.stop)
+        self.clock.advance(30)
+        self.assertEqual(self.said("consumers' database"), [])
+        self.assertEqual(set(self.store.databases), {"id-a"})
+
+
 class Namesakes(TestCase):
     """
     Instances of the same CLUSTER_NAME in another database of the same

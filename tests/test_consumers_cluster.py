@@ -32,6 +32,7 @@ from openclaw.consumers.shared import ANSWER_WAIT_SECONDS, SEED, UNSHARED, UNTOL
 from openclaw.consumers.store import ConsumerStore
 from openclaw.consumers.table import RESERVATION_SECONDS, REVOKE_RETRY_SECONDS, TOKEN_RESERVATION_SECONDS, Holder
 from openclaw.dataplane.errors import APIError
+from openclaw.urls import masked_url
 from tests.postgres_server import Locker, postgres_database
 from tests.redis_server import DelayingProxy, RedisServer
 from tests.support import free_port, open_client, spawn_gateway, start_upstream
@@ -320,6 +321,25 @@ class ConsumersOnTwoInstances(TestCase):
         self.assertNotIn("revokes_unsaved", listed["consumers"][0])
         status = yield self.status(on_b_sdk)
         self.assertEqual(status[0], 401)
+
+    @inlineCallbacks
+    def test_instances_on_different_databases_said(self) -> Any:
+        """
+        An instance whose DATABASE_URL names another database: each says,
+        within a heartbeat or two, that the cluster is split between
+        databases, naming its own (trial s46: a cluster key refused, 401,
+        by that instance, and nothing said anywhere).
+        """
+        other = postgres_database()
+        (a, token, on_a, _), (b, _, on_b, _) = yield self.two({}, {"DATABASE_URL": other})
+        words = b"other consumers' database(s)"
+        deadline = time.monotonic() + 2.5 * HEARTBEAT_INTERVAL_SECONDS
+        while not (words in a.stdout and words in b.stdout):
+            self.assertLess(time.monotonic(), deadline, "the split was not said by both instances")
+            yield sleep(0.2)
+        self.assertIn(f"besides this instance's, {masked_url(self.database)} (DATABASE_URL)".encode(), a.stdout)
+        self.assertIn(f"besides this instance's, {masked_url(other)} (DATABASE_URL)".encode(), b.stdout)
+        self.assertIn(b"give every instance the same DATABASE_URL", a.stdout)
 
     @inlineCallbacks
     def test_key_revoked_while_an_instance_stood_still_refused_when_it_resumes(self) -> Any:

@@ -19,7 +19,7 @@ from twisted.logger import LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from openclaw.consumers import service as consumers_service
-from openclaw.consumers.store import gateway_application_name, sharing_conflicts
+from openclaw.consumers.store import database_identity, gateway_application_name, sharing_conflicts
 from tests.postgres_server import postgres_database
 from tests.test_consumers import GatewayCase
 
@@ -142,3 +142,21 @@ class SharedDatabaseTests(GatewayCase):
         self.assertIn("openclaw standalone elsewhere:4242", formatEvent(said))
         yield deferLater(reactor, 0.5, lambda: None)
         self.assertEqual(len([e for e in self.events if SHARING in e.get("log_format", "")]), 1)
+
+
+class DatabaseIdentityTests(SynchronousTestCase):
+    """
+    L{ConsumerStore.identity}, on a real PostgreSQL: the same database
+    reached by two addresses is one, two databases of one server are two
+    (what a cluster's instances compare, trial s46).
+    """
+
+    def identity(self, url: str) -> str:
+        with contextlib.closing(psycopg.connect(url)) as connection:
+            return database_identity(connection.cursor())
+
+    def test_identity(self) -> None:
+        first, second = postgres_database(), postgres_database()
+        self.assertRegex(self.identity(first), r"^[0-9a-f]{16}$")
+        self.assertEqual(self.identity(first), self.identity(first.replace("127.0.0.1", "localhost")))
+        self.assertNotEqual(self.identity(first), self.identity(second))

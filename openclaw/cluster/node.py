@@ -473,6 +473,13 @@ class ClusterNode:
         #: The store's epoch as the last heartbeat read it
         #: (L{Heartbeat.epoch}); "" before the first.
         self._epoch = ""
+        #: This instance's consumers' database, once known: its identity
+        #: (L{openclaw.consumers.store.ConsumerStore.identity}) and where it
+        #: is as the operator wrote it.  Each heartbeat carries it, and
+        #: reads the other instances' (L{Heartbeat.databases}).
+        self.consumers_database: tuple[str, str] | None = None
+        #: The other databases said (L{_compare_databases}).
+        self._databases_said: frozenset[str] = frozenset()
         #: Why the cluster's token was last refused (not signed with this
         #: instance's JWT_SECRET), if it was.
         self._foreign_token: str | None = None
@@ -657,7 +664,7 @@ class ClusterNode:
             # of the changes, read before what they count is reloaded.
             sent = self._reactor.seconds()
             heartbeat = yield self._bounded(
-                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
+                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up, self._database())
             )
             self._heard(heartbeat, sent)
             if self._awaits_write_back(heartbeat):
@@ -1681,6 +1688,42 @@ class ClusterNode:
             )
             self._reload()
 
+    def _database(self) -> str:
+        return "" if self.consumers_database is None else self.consumers_database[0]
+
+    def _compare_databases(self, databases: frozenset[str]) -> None:
+        """
+        Say, once for each, the consumers' databases the other instances
+        alive use besides this one's: a consumer key made in one is refused
+        (401) where the other is used, and limits and budgets are
+        counted apart (trial s46: nothing said).  Said again, once, when
+        every instance uses the same one.
+        """
+        if self.consumers_database is None:
+            return
+        own, where = self.consumers_database
+        others = databases - {own}
+        if not others:
+            if self._databases_said:
+                self._databases_said = frozenset()
+                self._log.info(
+                    "every instance of the cluster uses this instance's consumers' database {where} again", where=where
+                )
+            return
+        if others <= self._databases_said:
+            return
+        self._databases_said |= others
+        self._log.critical(
+            "instances of this cluster use {count} other consumers' database(s) (identity {others}) besides this "
+            "instance's, {where} (identity {own}): a consumer key made in one is refused (401) by the instances "
+            "of the other, and limits and budgets are counted apart; give every instance the same DATABASE_URL "
+            "(each instance's log names its own database in this line)",
+            count=len(others),
+            others=", ".join(sorted(others)),
+            where=where,
+            own=own,
+        )
+
     def _heard(self, heartbeat: Heartbeat, sent: float) -> None:
         """
         What any read of the heartbeat (asked at C{sent}) says besides the
@@ -1691,6 +1734,7 @@ class ClusterNode:
         """
         if heartbeat.now is not None:
             self.clock.measured(sent, self._reactor.seconds(), heartbeat.now)
+        self._compare_databases(heartbeat.databases)
         known, self._changes = self._changes, heartbeat.changes
         if known is None or not self.up:
             return
@@ -1819,6 +1863,6 @@ class ClusterNode:
         # Deferred".
         self._heartbeat_answers.watch(
             self._bounded(
-                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up)
+                self.store.heartbeat(self.instance, HEARTBEAT_TTL_SECONDS, (ROUTE, TOKEN), self.up, self._database())
             ).addCallbacks(seen, missed)
         )

@@ -9,7 +9,10 @@ Keys (C{<CLUSTER_NAME>:...}): C{state:route} and C{state:token} (hashes of
 C{version}, C{value} and C{origin}, the instance that wrote it),
 C{write:<receipt>} (the version a write made, or 0 once fenced; expiring
 after L{RECEIPT_SECONDS}), C{failures:<client key>} (a lockout's count),
-C{epoch} (a random mark, set by the first heartbeat that finds none: a
+C{databases} (a sorted set of the consumers' databases the instances
+alive use, L{openclaw.consumers.store.ConsumerStore.identity}, scored with
+expiry times as C{instances}: more than one is a cluster split between
+databases), C{epoch} (a random mark, set by the first heartbeat that finds none: a
 new one tells every instance the store lost its keys),
 C{consumers:revoking} (a hash of key revokes an instance could not write
 to the consumers' database yet: a key's SHA-256 hex -> C{consumer<TAB>prefix},
@@ -206,12 +209,14 @@ return 1
 """
 )
 
-#: KEYS: instances, changes, channel, then the values' hashes, then epoch.
-#: ARGV: TTL (seconds), instance, mark ('1' or '0'), the probe to publish
-#: ('' for none), a new epoch (set when the store has none), then the
-#: counters of C{changes} to read.  Reply: the instances alive, Redis's
-#: clock (milliseconds), the store's epoch, the counters, then each
-#: value's version and value.
+#: KEYS: instances, changes, channel, then the values' hashes, then epoch,
+#: databases.  ARGV: TTL (seconds), instance, mark ('1' or '0'), the probe
+#: to publish ('' for none), a new epoch (set when the store has none),
+#: the instance's consumers' database ('' for none; marked with the
+#: instance), then the counters of C{changes} to read.  Reply: the
+#: instances alive, Redis's clock (milliseconds), the store's epoch, the
+#: databases of the instances alive, the counters, then each value's
+#: version and value.
 _HEARTBEAT = (
     _EXPIRY
     + """
@@ -223,16 +228,21 @@ end
 if ARGV[4] ~= '' then
   redis.call('PUBLISH', KEYS[3], ARGV[4])
 end
-local epoch = redis.call('GET', KEYS[#KEYS])
+local epoch = redis.call('GET', KEYS[#KEYS - 1])
 if not epoch then
   epoch = ARGV[5]
-  redis.call('SET', KEYS[#KEYS], epoch)
+  redis.call('SET', KEYS[#KEYS - 1], epoch)
 end
-local found = {redis.call('ZCARD', KEYS[1]), now, epoch}
-for i = 6, #ARGV do
+if ARGV[3] == '1' and ARGV[6] ~= '' then
+  expiring(KEYS[#KEYS], ARGV[6], tonumber(ARGV[1]) * 1000)
+else
+  redis.call('ZREMRANGEBYSCORE', KEYS[#KEYS], '-inf', now)
+end
+local found = {redis.call('ZCARD', KEYS[1]), now, epoch, redis.call('ZRANGE', KEYS[#KEYS], 0, -1)}
+for i = 7, #ARGV do
   table.insert(found, tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0'))
 end
-for i = 4, #KEYS - 1 do
+for i = 4, #KEYS - 2 do
   local held = redis.call('HMGET', KEYS[i], 'version', 'value')
   table.insert(found, tonumber(held[1] or '0'))
   table.insert(found, held[2] or '')
@@ -1143,7 +1153,9 @@ class RedisStore:
 
         return self._expiring("rests").addCallback(split)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
+    def heartbeat(
+        self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool, database: str = ""
+    ) -> Deferred[Heartbeat]:
         """
         See L{SharedStore.heartbeat}; also checks that the subscription
         hears: once subscribed, each heartbeat publishes a message of this
@@ -1170,8 +1182,9 @@ class RedisStore:
 
         def heard(reply: list[Any]) -> Heartbeat:
             epoch = reply[2].decode() if isinstance(reply[2], bytes) else str(reply[2])
-            counters = reply[3 : 3 + len(CHANGES)]
-            held = reply[3 + len(CHANGES) :]
+            databases = frozenset(each.decode() if isinstance(each, bytes) else str(each) for each in reply[3] or [])
+            counters = reply[4 : 4 + len(CHANGES)]
+            held = reply[4 + len(CHANGES) :]
             values = [value.decode() if isinstance(value, bytes) else str(value) for value in held[1::2]]
             return Heartbeat(
                 int(reply[0]),
@@ -1180,6 +1193,7 @@ class RedisStore:
                 now=int(reply[1]) / 1000,
                 changes={name: int(count) for name, count in zip(CHANGES, counters, strict=True)},
                 epoch=epoch,
+                databases=databases,
             )
 
         def failed(failure: Failure) -> Failure:
@@ -1197,8 +1211,9 @@ class RedisStore:
                 self.channel,
                 *(self._key("state", name) for name in names),
                 self._key("epoch"),
+                self._key("databases"),
             ],
-            [str(ttl_seconds), instance, "1" if mark else "0", probe, uuid.uuid4().hex, *CHANGES],
+            [str(ttl_seconds), instance, "1" if mark else "0", probe, uuid.uuid4().hex, database, *CHANGES],
         ).addCallbacks(heard, failed)
 
     def other_databases(self) -> Deferred[tuple[int, ...]]:

@@ -63,6 +63,10 @@ class Heartbeat:
     #: one a node saw last means the store lost its keys, whoever wrote
     #: the route and token back.
     epoch: str = ""
+    #: The consumers' databases the instances alive use (as each gives
+    #: it to its heartbeat: L{openclaw.consumers.store.ConsumerStore.identity});
+    #: more than one: the cluster is split between databases.
+    databases: frozenset[str] = frozenset()
 
 
 #: Called with (name, version, value, origin) for every write anyone makes.
@@ -155,12 +159,15 @@ class SharedStore(Protocol):
         (L{rest_subject <openclaw.providers.keys.rest_subject>}).
         """
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
+    def heartbeat(
+        self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool, database: str = ""
+    ) -> Deferred[Heartbeat]:
         """
         Mark C{instance} alive for C{ttl_seconds} (only if C{mark}: an
-        instance not in step with the cluster yet only looks); fire with
-        how many instances are alive and the versions of the values
-        C{names}.
+        instance not in step with the cluster yet only looks), and its
+        consumers' C{database} ("" for none known) with it; fire with
+        how many instances are alive, the versions of the values
+        C{names}, and the databases of the instances alive.
         """
 
     def leave(self, instance: str) -> Deferred[None]:
@@ -247,6 +254,9 @@ class MemoryStore:
         #: The store's epoch (L{Heartbeat.epoch}): made by the first
         #: heartbeat that finds none.
         self.epoch = ""
+        #: The consumers' databases of the instances marked alive, each
+        #: until when.
+        self.databases: dict[str, float] = {}
 
     def flush(self) -> None:
         """
@@ -255,7 +265,7 @@ class MemoryStore:
         failure counts and lockouts, the receipts; the change counters go
         back to 0.
         """
-        for held in (self.values, self.alive, self.rests, self.failures, self.locks, self.receipts):
+        for held in (self.values, self.alive, self.rests, self.failures, self.locks, self.receipts, self.databases):
             held.clear()
         self.changes = dict.fromkeys(self.changes, 0)
         self.epoch = ""
@@ -379,18 +389,27 @@ class MemoryStore:
             return fail(self.namesakes)
         return succeed(self.namesakes)
 
-    def heartbeat(self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool) -> Deferred[Heartbeat]:
+    def heartbeat(
+        self, instance: str, ttl_seconds: int, names: tuple[str, ...], mark: bool, database: str = ""
+    ) -> Deferred[Heartbeat]:
         if not self.up:
             return fail(ConnectionError("the store is down"))
         now = self.clock()
         if mark:
             self.alive[instance] = now + ttl_seconds
+            if database:
+                self.databases[database] = now + ttl_seconds
+        databases = frozenset(name for name, until in self.databases.items() if until > now)
         versions = {name: self.values[name].version if name in self.values else 0 for name in names}
         values = {name: self.values[name].value if name in self.values else "" for name in names}
         alive = sum(1 for until in self.alive.values() if until > now)
         if not self.epoch:
             self.epoch = uuid.uuid4().hex
-        return succeed(Heartbeat(alive, versions, values, now=now, changes=dict(self.changes), epoch=self.epoch))
+        return succeed(
+            Heartbeat(
+                alive, versions, values, now=now, changes=dict(self.changes), epoch=self.epoch, databases=databases
+            )
+        )
 
     def leave(self, instance: str) -> Deferred[None]:
         if not self.up:

@@ -38,6 +38,7 @@ from openclaw.consumers.store import (
     DatabaseFileLost,
     Retrying,
     UnusableDatabaseFile,
+    database_error,
     log_database_failure,
     sqlite_file,
     sqlite_path,
@@ -410,6 +411,7 @@ class ConsumersService(Service):
         log: Logger,
         deadline: Callable[[], float],
         monotonic: Callable[[], float] = boot_clock,
+        identified: Callable[[str, str], None] = lambda identity, where: None,
     ) -> None:
         """
         @param store: the consumers' store, its pool not made yet
@@ -421,8 +423,13 @@ class ConsumersService(Service):
             seconds; read at stop.
         @param monotonic: the monotonic clock, in seconds, against which
             the purge checks the reactor's wall clock (L{UsagePurge}).
+        @param identified: in a cluster on PostgreSQL, called with the
+            database's identity (L{ConsumerStore.identity}) and where it is
+            (for the log) once it is loaded: the cluster compares its
+            instances' (L{openclaw.cluster.node.ClusterNode.consumers_database}).
         """
         self._store = store
+        self._identified = identified
         self._table = table
         self._shared = shared
         self._settings = settings
@@ -491,6 +498,8 @@ class ConsumersService(Service):
                 self.ready.callback(None)
             check_usage_dates(self._store, self._reactor, where, self._log)
             self._check_sharing(where)
+            if self._shared is not None:
+                self._identify(where)
             if not settings.database_url:
                 warn_rescued_copies(sqlite_path(settings.state_dir), len(self._table.consumers), self._log)
 
@@ -515,6 +524,28 @@ class ConsumersService(Service):
         self._purger = usage_purger(
             self._store, self._reactor, settings.usage_retention_days * 86400.0, where, self._log, self._monotonic
         )
+
+    def _identify(self, where: str) -> None:
+        """
+        Tell the cluster which database this instance's consumers are in
+        (L{ConsumerStore.identity}), for it to say when its instances use
+        more than one (trial s46: a cluster key refused, 401, on the
+        instance with another DATABASE_URL, and nothing said).
+        """
+
+        def known(identity: str | None) -> None:
+            if identity is not None:
+                self._identified(identity, where)
+
+        def unknown(reason: Failure) -> None:
+            self._log.info(
+                "whether every instance of the cluster uses the consumers' database {where} is not checked: "
+                "PostgreSQL would not give its identity ({error}; pg_control_system() is needed)",
+                where=where,
+                error=database_error(reason),
+            )
+
+        self._store.identity().addCallbacks(known, unknown)
 
     def _check_sharing(self, where: str) -> None:
         """

@@ -201,6 +201,20 @@ def sharing_conflicts(own: str, others: Sequence[str]) -> list[str]:
     return sorted(found)
 
 
+def database_identity(cursor: Any) -> str:
+    """
+    What tells the PostgreSQL database of C{cursor}'s connection from every
+    other (L{ConsumerStore.identity}): 16 hex digits of a digest of its
+    server's system identifier and its oid.
+    """
+    cursor.execute(
+        "SELECT (SELECT system_identifier FROM pg_control_system()), oid FROM pg_database "
+        "WHERE datname = current_database()"
+    )
+    system, oid = cursor.fetchone()
+    return hashlib.sha256(f"{system}/{oid}".encode()).hexdigest()[:16]
+
+
 def postgres_conninfo(database_url: str) -> str:
     """
     The libpq connection string for C{database_url}, with the
@@ -1527,6 +1541,18 @@ class ConsumerStore:
         cursor.execute("DELETE FROM spend WHERE consumer NOT IN (SELECT name FROM consumers)")
         return purged
 
+    def identity(self) -> Deferred[str | None]:
+        """
+        On PostgreSQL, what tells this database from every other: a digest
+        of its server's system identifier (C{pg_control_system()}, the
+        same through every address and pooler of the server) and the
+        database's oid, 16 hex digits.  None on SQLite, or when the server
+        will not say (a role refused the function: logged by the caller).
+        """
+        if self.dialect != "postgresql":
+            return succeed(None)
+        return self._interact(database_identity)
+
     def gateways_sharing(self) -> Deferred[list[str]]:
         """
         On PostgreSQL with named connections (L{application_name}), the
@@ -1896,6 +1922,7 @@ __all__ = [
     "UsageRow",
     "database_advice",
     "database_error",
+    "database_identity",
     "log_database_failure",
     "postgres_conninfo",
     "sqlite_file",
