@@ -1317,8 +1317,9 @@ UNSHARED = (
 ANSWER_WAIT_SECONDS = 5.0
 #: And when Redis did not confirm its announcement in time.
 UNTOLD = (
-    "the cluster store (Redis) did not confirm telling the other instances in time: the change is in the "
-    "database and holds on this instance; the others may apply it only once Redis answers again (until then "
+    "the cluster store (Redis) did not confirm telling the other instances (it refused, or did not answer in "
+    "time): the change is in the database and holds on this instance; the others may apply it only once Redis "
+    "takes writes again (until then "
     "a revoked key or a deleted consumer may still work there, and a new key be refused there); restart them "
     "to apply it at once"
 )
@@ -1519,7 +1520,8 @@ class SharedConsumers:
             self._unannounced.add(name)
             self._log.warn(
                 "consumer {name} changed here but Redis did not confirm telling the other instances ({error}); "
-                "they are told again when this instance's Redis connection is back",
+                "they are told again once Redis takes this instance's writes again (its connection back, or a "
+                "heartbeat taken after refusals)",
                 name=name,
                 error=reason.getErrorMessage() or repr(reason.value),
             )
