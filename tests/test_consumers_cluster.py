@@ -753,6 +753,37 @@ class SharedTpmReservations(TestCase):
         return counters, redis
 
     @inlineCallbacks
+    def test_admissions_refused_then_taken_merged(self) -> Any:
+        """
+        Redis refusing writes for less than a heartbeat (out of memory):
+        the calls admitted here meanwhile go to its rpm window at the
+        first admission it takes again (trial s46: they were never merged,
+        and the minute admitted past rpm).
+        """
+        counters, redis = yield self.counters()
+        consumer = Consumer("a", rpm=5, created_at=5.0)
+        now = float(int(time.time()))
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "1")
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        for _ in range(3):
+            answer = yield counters.admit(consumer, now, Holder("a", "p", 5.0))
+            self.assertIsNone(answer)
+        self.assertEqual(window_total(redis.port, "a", "rpm"), 0)
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "0")
+        answer = yield counters.admit(consumer, now, Holder("a", "p", 5.0))
+        self.assertIsNone(answer)
+        for _ in range(50):
+            if window_total(redis.port, "a", "rpm") == 4:
+                break
+            yield sleep(0.02)
+        self.assertEqual(window_total(redis.port, "a", "rpm"), 4)
+        answers = []
+        for _ in range(3):
+            answer = yield counters.admit(consumer, now, Holder("a", "p", 5.0))
+            answers.append(answer is None)
+        self.assertEqual(answers, [True, False, False])
+
+    @inlineCallbacks
     def test_tpm_reserved_atomically_in_redis(self) -> Any:
         """
         Concurrent admissions in Redis reserve their tokens in the script

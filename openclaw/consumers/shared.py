@@ -51,6 +51,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from openclaw.cluster.redis import write_refusal
 from openclaw.consumers.freshness import StallWatch
 from openclaw.consumers.limits import WINDOW_SECONDS, RateLimits, reset_after
 from openclaw.consumers.model import Consumer, ctl_arguments, period_key
@@ -687,6 +688,9 @@ class SharedCounters:
         self.unshared: dict[Holder, None] = {}
         #: How many it may hold before those lapsed are dropped (L{_unshared}).
         self._prune_unshared_at = UNSHARED_PRUNED_AT
+        #: Redis refused an admission outright since the last it took
+        #: (L{_unanswered}).
+        self._admissions_refused = False
         #: Those of them being carried (L{CARRY} sent, not answered yet):
         #: holder -> None while its call runs, what it reserved (US dollars,
         #: tokens, second of admission) once it ended (released in Redis
@@ -971,6 +975,13 @@ class SharedCounters:
         # when it comes back without it.
         self.local.admitted(consumer, now, holder, reserve, tokens)
         self.sent.add((name, consumer.created_at), int(now), requests=1)
+        if self._admissions_refused:
+            # Redis takes writes again after refusing admissions: the calls
+            # admitted here meanwhile go to its windows now, not at the next
+            # heartbeat (a refusal shorter than one was never merged: trial
+            # s46).
+            self._admissions_refused = False
+            self.merge_windows(now)
         if holder is not None and (consumer.rpm is not None or consumer.tpm is not None) and len(reply) >= 6:
             holder.rate_limits = _rate_limits(consumer, now, reply)
         return None
@@ -982,6 +993,10 @@ class SharedCounters:
             "a consumer's admission failed in Redis (no answer, or an error: {error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
+        if write_refusal(reason.getErrorMessage()) is not None:
+            # Refused outright (out of memory, read-only): nothing of it was
+            # made; merged at the first admission Redis takes again.
+            self._admissions_refused = True
         # Its script may have run (its answer came too late): its
         # reservations are taken as in Redis, released there when the call
         # ends, as before; not carried (they would be held twice).
