@@ -64,6 +64,7 @@ from openclaw.service import PRIVILEGE_SWITCH_FIX, GatewayService
 from openclaw.session import UnsafeTokenFile, check_token_file, lock_token_file, token_file_lock_path
 from openclaw.settings import ConfigError, Settings, load_settings
 from openclaw.settings.directories import remove_made_directories
+from openclaw.settings.errors import HostTrouble
 from openclaw.signals import handles_hangup, note_repeated_stops, note_signals
 from openclaw.spelling import meant
 from openclaw.state import STATE_LOCK, lock_state_dir
@@ -770,18 +771,6 @@ def _check_database_file(settings: Settings) -> Path | None:
 #: The errors of a lock file that are the host's, not the configuration's:
 #: its file system full or over quota, an I/O error (L{HostTrouble}).
 HOST_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
-
-
-class HostTrouble(ConfigError):
-    """
-    A file the gateway makes at start-up (a lock file) cannot be made for
-    the host's trouble (L{HOST_ERRNOS}: a full disk, a quota, an I/O
-    error), not its configuration: C{twistd openclaw} ends with one line
-    (C{openclaw: } and C{str()}) and exit status 1, which a unit manager
-    restarts (the shipped unit's C{RestartPreventExitStatus=2} is for
-    configuration errors only), as it does for a first token that cannot
-    be written.  A L{ConfigError} for callers that only refuse.
-    """
 
 
 def _holder(held: LockHeld, who: str = "another running gateway") -> str:

@@ -259,7 +259,11 @@ class RefusedChangeTests(TestCase):
         self.table.stop()
         lines = self.said("was never written to the database")
         self.assertEqual(len(lines), 1, lines)
-        self.assertIn("revoke it again once the database takes writes", lines[0])
+        self.assertIn(
+            "was never written to the database: the key works again when the gateway starts; revoke it "
+            "again once the database takes writes",
+            lines[0],
+        )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_revoke_saved(self) -> None:

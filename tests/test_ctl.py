@@ -1459,6 +1459,8 @@ class ConsoleScriptTests(TestCase):
         self.assertEqual((out, code), ("", 2))
         self.assertIn(f"cannot connect to {url}: connection refused", err)
         self.assertIn("WS_CONTROL_PORT", err)
+        # One stopping refuses too (operator trial s46: taken for a dead one).
+        self.assertIn("a gateway that is stopping closes its ports first while it finishes its calls", err)
 
     @inlineCallbacks
     def test_api_port_given(self):

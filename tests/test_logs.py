@@ -525,6 +525,46 @@ class DestinationTests(SynchronousTestCase):
         )
         self.assertEqual(messages(path), ["after"])
 
+    def test_log_file_others_may_write_refused(self):
+        """
+        A log file its group or every user may write (a logrotate "create
+        0666" left so) is refused at start, and at a SIGUSR1 the log goes
+        on to the file it had, saying why and what to do (operator trial
+        s46: used without a word, the audit lines open to forgery).
+        """
+        self.addCleanup(signal.signal, signal.SIGUSR1, signal.getsignal(signal.SIGUSR1))
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        logs = Path(self.mktemp()).resolve() / "logs"
+        logs.mkdir(parents=True)
+        open_to_all = logs / "open.log"
+        open_to_all.write_text("")
+        open_to_all.chmod(0o666)
+        with self.assertRaises(ConfigError) as refused:
+            log_destination({"nodaemon": False, "logfile": str(open_to_all)}, io.StringIO(), self.Reactor())
+        self.assertIn(
+            f"the log file may be written by its group and every user (mode 0666), who could forge or cut what is "
+            f"logged (the audit lines among it); chmod go-w {open_to_all}",
+            str(refused.exception),
+        )
+        path = logs / "gw.log"
+        self.log_to(path)
+        log = Logger(namespace="openclaw.test")
+        rotated = logs / "gw.log.1"
+        path.rename(rotated)
+        path.write_text("")
+        path.chmod(0o620)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("after")
+        said = [json.loads(line)["message"] for line in rotated.read_text().splitlines()]
+        self.assertIn("may be written by its group (mode 0620)", said[0])
+        self.assertEqual(said[1], "after")
+        self.assertEqual(path.read_text(), "")
+        # Its mode fixed, the next SIGUSR1 takes it.
+        path.chmod(0o600)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        log.info("fixed")
+        self.assertEqual([json.loads(line)["message"] for line in path.read_text().splitlines()], ["fixed"])
+
     def test_reopen_advice(self):
         """
         A log file there that the gateway's user may not write (one a log

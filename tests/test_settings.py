@@ -22,6 +22,7 @@ from openclaw.control.admission import PeerAllowlist, normalise
 from openclaw.providers import BUILTIN_PROVIDERS, ProviderRegistry
 from openclaw.settings import ConfigError, Settings, load_settings, misspelt_settings, unread_lines
 from openclaw.settings.directories import default_state_dir
+from openclaw.settings.errors import HostTrouble
 from openclaw.settings.permissions import check_private_file
 from tests.support import KIMI_AND_GEMINI, make_ca, make_unwritable
 
@@ -231,6 +232,34 @@ class LoadTests(SynchronousTestCase):
             os.umask(previous)
         self.assertEqual(stat.S_IMODE((self.cwd / "a").stat().st_mode), 0o755)
         self.assertEqual(stat.S_IMODE(settings.state_dir.stat().st_mode), 0o700)
+
+    def test_state_dir_on_a_read_only_file_system(self) -> None:
+        """
+        A STATE_DIR on a read-only file system is the host's trouble
+        (exit status 1, which a unit manager retries), said so: it was
+        "not writable; create it (mode 0700)", a configuration error, for
+        a directory of the right owner and mode (operator trial s46).
+        """
+        state = (self.cwd / "state").resolve()
+        state.mkdir(mode=0o700)
+
+        class ReadOnly:
+            f_flag = os.ST_RDONLY
+
+        writable = os.access
+        self.patch(os, "statvfs", lambda path: ReadOnly())
+        self.patch(
+            os,
+            "access",
+            lambda path, mode, **kw: False if Path(path).resolve() == state else writable(path, mode, **kw),
+        )
+        with self.assertRaises(HostTrouble) as caught:
+            self.load({"STATE_DIR": str(state)})
+        self.assertIn(
+            f"STATE_DIR={str(state)!r} cannot be used: it is on a read-only file system; remount that file system "
+            "read-write",
+            str(caught.exception),
+        )
 
     def test_state_dir_under_procfs(self) -> None:
         """

@@ -941,12 +941,12 @@ class ConsumerTable:
         self._revoke_retry = None
         for name, prefix in sorted(set(self.revoking.values())):
             self._log.critical(
-                "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database "
+                "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database"
                 + (
-                    "by this instance: the cluster keeps it in Redis, whose other instances refuse the key and "
+                    " by this instance: the cluster keeps it in Redis, whose other instances refuse the key and "
                     "write the revoke (if Redis lost it, revoke the key again once the database takes writes)"
                     if self.revokes_shared
-                    else "the key works again when the gateway starts; revoke it again once the database takes writes"
+                    else ": the key works again when the gateway starts; revoke it again once the database takes writes"
                 ),
                 consumer=name,
                 key_prefix=prefix,

@@ -447,7 +447,8 @@ def _unreached(error: BaseException, request: Request) -> str | None:
     if isinstance(error, ConnectionRefusedError):
         return (
             f"cannot connect to {url}: connection refused; is the gateway running, "
-            "and listening on that port (WS_CONTROL_PORT, default 18789)?"
+            "and listening on that port (WS_CONTROL_PORT, default 18789)? (a gateway that is stopping closes its "
+            "ports first while it finishes its calls: let it)"
         )
     if isinstance(error, DNSLookupError):
         return f"cannot connect to {url}: the host name does not resolve"

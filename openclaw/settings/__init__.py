@@ -805,7 +805,8 @@ class _Reader:
         try:
             return cast(str(raw))
         except ConfigError as e:
-            raise ConfigError(f"{e} (the value came {self.source(name)})") from None
+            # Of its kind (L{HostTrouble}: another exit status).
+            raise type(e)(f"{e} (the value came {self.source(name)})") from None
         except ValueError as e:
             # A secret is never shown, nor a URL's user, password and query
             # (a provider's base URL refuses them).

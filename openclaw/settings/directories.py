@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from openclaw.settings.errors import ConfigError
+from openclaw.settings.errors import ConfigError, HostTrouble
 
 
 def _absolute(text: str | Path) -> Path:
@@ -60,13 +60,46 @@ def remove_made_directories(made: Iterable[Path]) -> None:
             directory.rmdir()
 
 
+def _read_only(path: Path) -> bool:
+    """
+    Whether C{path}, or the nearest directory above it that is there, is
+    on a file system mounted read-only (C{statvfs(3)}'s C{ST_RDONLY}).
+    """
+    for place in (path, *path.parents):
+        try:
+            return bool(os.statvfs(place).f_flag & os.ST_RDONLY)
+        except OSError:
+            continue
+    return False
+
+
+def _refuse_read_only(path: Path, named: str) -> None:
+    """
+    Refuse C{path} on a read-only file system as the host's trouble
+    (exit status 1, which a unit manager retries), saying so: "not
+    writable" told to make writable a directory of the right owner and
+    mode (operator trial s46).
+
+    @raise HostTrouble: it is.
+    """
+    if _read_only(path):
+        raise HostTrouble(
+            f"{named} cannot be used: it is on a read-only file system; remount that file system read-write "
+            "(mount -o remount,rw MOUNTPOINT), or point STATE_DIR / --state-dir at a directory on a writable one"
+        )
+
+
 def _own_directory(path: Path, made: list[Path]) -> Path:
     """
     Create the default state directory, mode 0700, if it is missing
     (adding what was made to C{made}).
+
+    @raise HostTrouble: it is on a read-only file system.
+    @raise ConfigError: it cannot be used otherwise.
     """
     problem = _make_state_directory(path, made)
     if problem:
+        _refuse_read_only(path, f"the state directory {str(path)!r}")
         raise ConfigError(
             f"cannot use the state directory {str(path)!r} ({problem}); "
             "create it (mode 0700) for the gateway's user, or set STATE_DIR / --state-dir"
@@ -83,6 +116,7 @@ def _state_dir(text: str, made: list[Path]) -> Path:
     path = _absolute(text)
     problem = _make_state_directory(path, made)
     if problem:
+        _refuse_read_only(path, f"STATE_DIR={text!r}")
         raise ConfigError(
             f"STATE_DIR={text!r} cannot be used ({problem}); create it (mode 0700) as a directory the "
             "gateway's user can write, or point STATE_DIR / --state-dir at one"

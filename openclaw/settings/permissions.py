@@ -65,6 +65,15 @@ def untrusted_log_file(path: Path, euid: int | None = None) -> str | None:
             f"the log file belongs to {named_uid(info.st_uid)}, {neither_user_nor_root(euid)}, so that user could "
             f"read or change what is logged; {fix}, or chown {euid} it"
         )
+    if stat.S_ISREG(info.st_mode) and info.st_mode & 0o022:
+        # As the gateway makes its log files (never writable by group or
+        # others: openclaw.logs.log_file_mode); a logrotate "create 0666"
+        # left so (operator trial s46).
+        who = {0o020: "its group", 0o002: "every user"}.get(info.st_mode & 0o022, "its group and every user")
+        return (
+            f"the log file may be written by {who} (mode {stat.S_IMODE(info.st_mode):04o}), who could forge or "
+            f"cut what is logged (the audit lines among it); chmod go-w {path}"
+        )
     return None
 
 
