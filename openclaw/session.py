@@ -37,9 +37,21 @@ ALGORITHM = "HS256"
 _RULE = "━" * 58
 
 #: What a token file holds: nothing yet, or one JWT (three base64url
-#: segments) and a newline.  Anything else at C{TOKEN_FILE} is someone
-#: else's and is never replaced or removed.
+#: segments) and a newline, as the gateway writes it.  Anything else at
+#: C{TOKEN_FILE} is someone else's and is never replaced or removed.
 _TOKEN_FILE_CONTENT = re.compile(rb"(?:[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n?)?")
+
+
+def is_token_file_content(held: bytes) -> bool:
+    """
+    Whether C{held}, a file's content, is a token file's: empty, or one
+    session token with blanks around it (a CRLF or a space of a file
+    written by hand, which C{openclawctl --token-file} reads stripped), so
+    that a file C{openclawctl} takes its token from may be replaced by the
+    next one.
+    """
+    return not held or holds_a_token(held.strip())
+
 
 #: The most bytes of a token file read: a token is a few hundred.
 MAX_TOKEN_FILE_BYTES = 64 * 1024
@@ -662,7 +674,7 @@ class SessionAuthority:
         operator using the file was refused by the other instances (trial
         s25).
         """
-        text = held.rstrip(b"\n").decode("ascii")
+        text = held.strip().decode("ascii")
         if not text:
             return False
         try:
@@ -720,7 +732,7 @@ class SessionAuthority:
             return f"it cannot be read ({e.strerror or e})"
         if held is None:
             return None
-        if first and _TOKEN_FILE_CONTENT.fullmatch(held):
+        if first and is_token_file_content(held):
             if self._shared and self._signed_elsewhere(held):
                 return (
                     "it holds a session token in force signed with another JWT_SECRET: the cluster's, if this "
@@ -728,7 +740,7 @@ class SessionAuthority:
                     "REDIS_URL, CLUSTER_NAME); remove the file if it is stale"
                 )
             return None
-        if held.rstrip(b"\n") in mine:
+        if held.strip() in mine:
             return None
         return "it no longer holds this gateway's session token: another gateway or an operator wrote it"
 
@@ -870,5 +882,5 @@ def check_token_file(path: Path) -> None:
         held = read_token_file(path)
     except OSError as e:
         raise UnsafeTokenFile(f"it cannot be read ({e.strerror})") from None
-    if held is not None and not _TOKEN_FILE_CONTENT.fullmatch(held):
+    if held is not None and not is_token_file_content(held):
         raise UnsafeTokenFile("it holds something other than a session token")

@@ -465,10 +465,12 @@ class ParseRequestTests(TestCase):
         text = self.refused_rotation(directory / "link")
         self.assertIn("it is a symbolic link", text)
         self.assertIn(str((directory / "target").resolve()), text)
-        # A regular file holding a token, an empty one, or none yet:
-        # accepted.
+        # A regular file holding a token (blanks around it too, as
+        # --token-file reads it: a file written by hand), an empty one, or
+        # none yet: accepted.
         (directory / "empty").touch()
-        for name in ("target", "empty", "new"):
+        (directory / "spaced").write_bytes(f"  {TOKEN_LIKE} \r\n".encode())
+        for name in ("target", "empty", "new", "spaced"):
             parsed = self.parse("--token", "T", "rotate-token", "--token-file", str(directory / name))
             self.assertEqual(parsed.token_file, directory / name)
 
@@ -1261,6 +1263,23 @@ class ConsoleScriptTests(TestCase):
         self.assertIn("ping failed: token revoked", err)
         out, err, code = yield self.ctl("--token-file", str(token_file), "ping")
         self.assertEqual(code, 0, err)
+
+    @inlineCallbacks
+    def test_rotate_token_writes_back_a_file_written_by_hand(self):
+        """
+        A token file written by hand, with blanks around the token (a CRLF,
+        a space), gives its token to openclawctl, so a rotation replaces
+        it too: it was refused as "something other than a session token".
+        """
+        old = self.gateway.token
+        token_file = Path(self.mktemp())
+        token_file.parent.mkdir(parents=True, exist_ok=True)
+        token_file.write_bytes(f" {old} \r\n".encode())
+        token_file.chmod(0o600)
+        out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file))
+        self.assertEqual((err, code), ("", 0))
+        self.assertEqual(token_file.read_text(), self.gateway.token + "\n")
+        self.assertNotEqual(self.gateway.token, old)
 
     def another_users_token_file(self, token: str) -> Path:
         """

@@ -186,13 +186,14 @@ class TokenFileCheckTests(SynchronousTestCase):
     def test_accepted(self) -> None:
         """
         Nothing there, an empty file, or an earlier run's token (with or
-        without its newline) may be replaced.
+        without its newline, or with blanks around it as a file written by
+        hand has, which openclawctl reads) may be replaced.
         """
         check_token_file(self.path)
         self.path.write_bytes(b"")
         check_token_file(self.path)
         token = SessionAuthority(BYTES_SECRET, 60).mint().token
-        for content in (token + "\n", token):
+        for content in (token + "\n", token, f" {token}\r\n", token + "\n\n"):
             self.path.write_text(content)
             check_token_file(self.path)
 
@@ -201,7 +202,7 @@ class TokenFileCheckTests(SynchronousTestCase):
         for content in (
             b"\n",
             b"a.b\n",
-            token.encode() + b"\n\n",
+            token.encode() + b"\n#\n",
             (token + "\n" + token + "\n").encode(),
             b"x" * 70000,
         ):
