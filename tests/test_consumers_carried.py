@@ -314,6 +314,39 @@ class CarriedReservationsTests(TestCase):
         self.assertEqual(list(held(redis.port, RESERVED)), [old.reserved_at])
         self.assertEqual(old.reserved_tokens, 0)
 
+    @inlineCallbacks
+    def test_reservations_of_a_write_refusal_carried_and_released(self) -> Any:
+        """
+        Redis refusing writes (out of memory) for less than a heartbeat:
+        the reservation of a call admitted here alone meanwhile goes to
+        Redis's, and that of a call whose count Redis refused is released
+        there, at the first write it takes again (they were neither: the
+        one missing from the cluster's tpm, the other held until it
+        lapsed, a minute of tpm or ten of a budget).
+        """
+        [a], redis = yield self.cluster(1, tpm=10_000)
+        refused, first = yield self.admit(a, tokens=300)
+        self.assertIsNone(refused)
+        yield self.settled(a)
+        self.assertEqual(sum(held(redis.port, RESERVED_TOKENS).values()), 300)
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "1")
+        self.addCleanup(redis_command, redis.port, "CONFIG", "SET", "maxmemory", "0")
+        refused, alone = yield self.admit(a, tokens=200)
+        self.assertIsNone(refused)
+        a.counters.counted("team", 10, 0.0, a.table.clock(), first)
+        yield self.settled(a)
+        self.assertEqual(sum(held(redis.port, RESERVED_TOKENS).values()), 300)
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "0")
+        refused, _ = yield self.admit(a, tokens=100)
+        self.assertIsNone(refused)
+        # The second call's 200 carried, the first's 300 released, the
+        # third's 100 admitted in Redis.
+        yield wait_for(lambda: sum(held(redis.port, RESERVED_TOKENS).values()) == 300, 5)
+        yield self.settled(a)
+        self.assertEqual(sum(held(redis.port, RESERVED_TOKENS).values()), 300)
+        self.assertEqual(alone.reserved_tokens, 200)
+
 
 class CarryScriptTests(TestCase):
     """

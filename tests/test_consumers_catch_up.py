@@ -146,3 +146,29 @@ class CatchUpTests(TestCase):
         yield wait_for(lambda: taken, 5)
         yield sleep(0.3)
         self.assertAlmostEqual(float(redis_get(redis.port, key) or 0), 5 * one, places=12)
+
+    @inlineCallbacks
+    def test_cost_refused_by_redis_reaches_its_spend_once_it_takes_writes(self) -> Any:
+        """
+        Redis refusing writes (out of memory) for less than a heartbeat: a
+        call's cost it refused reaches its spend once it takes a count
+        again, not at the next reconnection to Redis (which a refusal never
+        brings: left s46), so the cluster's budget checks see it.
+        """
+        table, shared, redis = yield self.instance()
+        # The raise that follows the seed, now rather than within 5 s.
+        shared.reconcile()
+        self.call(table)
+        month = time.strftime("%Y-%m", time.gmtime())
+        key = f"openclaw:consumer:c:{CREATED!r}:spend:{month}"
+        yield wait_for(lambda: redis_get(redis.port, key) not in (None, b"0"), 5)
+        one = float(redis_get(redis.port, key) or 0)
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "1")
+        self.addCleanup(redis_command, redis.port, "CONFIG", "SET", "maxmemory", "0")
+        self.call(table)
+        yield sleep(0.3)
+        self.assertAlmostEqual(float(redis_get(redis.port, key) or 0), one, places=12)
+        redis_command(redis.port, "CONFIG", "SET", "maxmemory", "0")
+        self.call(table)
+        yield wait_for(lambda: abs(float(redis_get(redis.port, key) or 0) - 3 * one) < 1e-12, 10)

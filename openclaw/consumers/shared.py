@@ -688,9 +688,13 @@ class SharedCounters:
         self.unshared: dict[Holder, None] = {}
         #: How many it may hold before those lapsed are dropped (L{_unshared}).
         self._prune_unshared_at = UNSHARED_PRUNED_AT
-        #: Redis refused an admission outright since the last it took
-        #: (L{_unanswered}).
-        self._admissions_refused = False
+        #: Redis refused an admission or a count outright since the last
+        #: write it took (L{_unanswered}, L{counted}).
+        self._writes_refused = False
+        #: Called at the first admission or count Redis takes after
+        #: refusing one (L{SharedConsumers.writes_taken}: the costs counted
+        #: meanwhile go to its spends, the reservations to its).
+        self.writes_taken: Callable[[], None] = lambda: None
         #: Those of them being carried (L{CARRY} sent, not answered yet):
         #: holder -> None while its call runs, what it reserved (US dollars,
         #: tokens, second of admission) once it ended (released in Redis
@@ -975,13 +979,7 @@ class SharedCounters:
         # when it comes back without it.
         self.local.admitted(consumer, now, holder, reserve, tokens)
         self.sent.add((name, consumer.created_at), int(now), requests=1)
-        if self._admissions_refused:
-            # Redis takes writes again after refusing admissions: the calls
-            # admitted here meanwhile go to its windows now, not at the next
-            # heartbeat (a refusal shorter than one was never merged: trial
-            # s46).
-            self._admissions_refused = False
-            self.merge_windows(now)
+        self._taken(now)
         if holder is not None and (consumer.rpm is not None or consumer.tpm is not None) and len(reply) >= 6:
             holder.rate_limits = _rate_limits(consumer, now, reply)
         return None
@@ -993,14 +991,30 @@ class SharedCounters:
             "a consumer's admission failed in Redis (no answer, or an error: {error}): counted on this instance only",
             error=reason.getErrorMessage() or repr(reason.value),
         )
-        if write_refusal(reason.getErrorMessage()) is not None:
+        refused = write_refusal(reason.getErrorMessage()) is not None
+        if refused:
             # Refused outright (out of memory, read-only): nothing of it was
-            # made; merged at the first admission Redis takes again.
-            self._admissions_refused = True
-        # Its script may have run (its answer came too late): its
+            # made; merged, its reservations carried, at the first write
+            # Redis takes again (L{_taken}).
+            self._writes_refused = True
+        # Otherwise its script may have run (its answer came too late): its
         # reservations are taken as in Redis, released there when the call
         # ends, as before; not carried (they would be held twice).
-        return self._here(consumer, now, holder, reserve, tokens, shared=True)
+        return self._here(consumer, now, holder, reserve, tokens, shared=not refused)
+
+    def _taken(self, now: float) -> None:
+        """
+        Redis took an admission or a count: if it refused one outright
+        since (out of memory, read-only), what this instance counted alone
+        meanwhile goes to its windows now (L{merge_windows}), and the
+        rest (the reservations, the costs) through L{writes_taken}, not
+        at the next heartbeat: a refusal shorter than one was never caught
+        up (trial s46).
+        """
+        if self._writes_refused:
+            self._writes_refused = False
+            self.merge_windows(now)
+            self.writes_taken()
 
     def _here(
         self,
@@ -1096,13 +1110,23 @@ class SharedCounters:
 
         def unsent(reason: Failure) -> None:
             window(self.away)
+            if write_refusal(reason.getErrorMessage()) is not None:
+                # Refused outright: its reservations are still held in
+                # Redis (released by the next carry) and its cost is not in
+                # the spends (raised to the database's: L{writes_taken}).
+                self._writes_refused = True
+                self.unreleased.add((consumer, created), reserved_at, reserved, reserved_tokens)
             self._log.warn(
                 "a consumer's usage was not counted in Redis ({error}); the database has it",
                 error=reason.getErrorMessage() or repr(reason.value),
             )
 
+        def sent_(_: object) -> None:
+            window(self.sent)
+            self._taken(now)
+
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
-        sent.addTimeout(self.timeout, self.reactor).addCallbacks(lambda _: window(self.sent), unsent)
+        sent.addTimeout(self.timeout, self.reactor).addCallbacks(sent_, unsent)
 
     def _shared(self, holder: Holder, reserved: float, tokens: int, at: int) -> bool:
         """
@@ -1400,6 +1424,7 @@ class SharedConsumers:
         #: announced once each (L{share_revokes}).
         self._revokes_told: set[str] = set()
         table.revokes_shared = True
+        counters.writes_taken = self.writes_taken
 
     def unshared(self, since: int) -> str | Deferred[str | None] | None:
         """
@@ -1613,6 +1638,19 @@ class SharedConsumers:
         """
         if self.counters.up:
             self.up(True)
+
+    def writes_taken(self) -> None:
+        """
+        Redis took an admission or a count after refusing one outright
+        (L{SharedCounters._taken}, which merged the windows): the
+        reservations of the calls admitted here meanwhile go to its, those
+        of the calls whose count it refused are released there
+        (L{SharedCounters.carry}), and the costs it refused reach its spends
+        (L{reconcile}, soon).
+        """
+        if self.counters.uncarried():
+            self.counters.carry(self.table.clock)
+        self._reconcile_later()
 
     def lost(self) -> None:
         """
