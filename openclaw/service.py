@@ -59,6 +59,7 @@ from openclaw.consumers.store import (
     sqlite_path,
 )
 from openclaw.consumers.table import ConsumerTable
+from openclaw.consumers.unsaved import UnsavedRevokesFile
 from openclaw.control.admission import PeerAllowlist
 from openclaw.control.closecodes import GOING_AWAY
 from openclaw.control.commands import COMMANDS, ControlCommands
@@ -825,6 +826,7 @@ class GatewayService(SequentialMultiService):
             changed=self._consumer_changed,
             revoke_unsaved=self._revoke_unsaved,
             revoke_saved=self._revoke_saved,
+            revokes_file=UnsavedRevokesFile(settings.state_dir, self.writer),
             hold_until_loaded=True,
         )
 
@@ -1367,12 +1369,23 @@ class GatewayService(SequentialMultiService):
             self.restored_route = restored
             self.route.switch(restored)
 
+    def _restore_revokes(self) -> None:
+        """
+        Refuse the keys whose revokes an earlier run could not write to
+        the database (L{UnsavedRevokesFile.load}), and write them
+        (L{ConsumerTable.adopt_revokes}).
+        """
+        revokes_file = self.consumers.revokes_file
+        if revokes_file is not None:
+            self.consumers.adopt_revokes(revokes_file.load(), earlier_run=True)
+
     def startService(self) -> None:
         running_as = self._ids()
         if running_as != self.built_as:
             self._refuse_switched_ids(running_as)
         self._name_instance()
         self._restore_route()
+        self._restore_revokes()
         if self.settings.jwt_secret_is_ephemeral:
             self._log.warn(
                 "JWT_SECRET is not set: tokens are signed with a random secret made for this process only "

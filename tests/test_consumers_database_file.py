@@ -7,6 +7,7 @@ to do.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import stat
 from pathlib import Path
@@ -25,6 +26,7 @@ from openclaw.consumers.model import Consumer, NewKey
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import database_advice, log_database_failure
 from openclaw.consumers.table import REVOKE_RETRY_SECONDS, ConsumerTable
+from openclaw.consumers.unsaved import UNSAVED_REVOKES_FILE, UnsavedRevokesFile
 from openclaw.control.commands import CommandError
 from tests.support import capture_log_events, start_gateway
 from tests.test_consumers import GatewayCase
@@ -154,13 +156,10 @@ class _RefusingStore:
         return self._written(None)
 
 
-class RefusedChangeTests(TestCase):
+class RefusingStoreCase(TestCase):
     """
-    A delete the database refuses changes nothing, here as there; a key
-    revocation it refuses is kept here (the key refused at once) and
-    written again every REVOKE_RETRY_SECONDS until the database takes it:
-    a leaked key must stop working while a disk is full or a database
-    down.
+    A consumer table over a store that refuses writes (full), its
+    commands, and what it logs.
     """
 
     def setUp(self) -> None:
@@ -183,6 +182,16 @@ class RefusedChangeTests(TestCase):
 
     def said(self, words: str) -> list[str]:
         return [formatEvent(event) for event in self.events if words in formatEvent(event)]
+
+
+class RefusedChangeTests(RefusingStoreCase):
+    """
+    A delete the database refuses changes nothing, here as there; a key
+    revocation it refuses is kept here (the key refused at once) and
+    written again every REVOKE_RETRY_SECONDS until the database takes it:
+    a leaked key must stop working while a disk is full or a database
+    down.
+    """
 
     def test_revoke_unsaved_refuses_the_key_at_once(self) -> None:
         """
@@ -298,3 +307,95 @@ class RefusedChangeTests(TestCase):
         self.assertEqual(deleted["deleted"], "team")
         self.assertIsNone(self.table.identify(self.key.key.encode()))
         self.assertNotIn("team", self.table.consumers)
+
+
+class KeptRevokesTests(RefusingStoreCase):
+    """
+    The revokes not saved kept in STATE_DIR (L{UnsavedRevokesFile}):
+    written at a revoke the database refuses, rewritten once it takes it,
+    given back at the next start; a file that cannot be trusted says so.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.directory = Path(self.mktemp())
+        self.directory.mkdir()
+        self.kept = UnsavedRevokesFile(self.directory)
+        self.table.revokes_file = self.kept
+
+    def test_kept_then_dropped_once_saved(self) -> None:
+        self.table.start(self.clock)
+        revoked = self.revoke()
+        path = self.directory / UNSAVED_REVOKES_FILE
+        self.assertIn(f"it is kept in {path} too, so a restart of this gateway before then refuses", revoked["warning"])
+        self.assertNotIn("serves the key again", revoked["warning"])
+        self.assertIn(f"it is kept in {path} for a restart", self.said("could not be written")[0])
+        self.assertEqual(self.kept.load(), {self.key.hash: ("team", self.key.prefix)})
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        self.assertNotIn(self.key.key, path.read_text())
+        self.store.full = False
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual(self.kept.load(), {})
+
+    def test_stop_says_it_is_kept(self) -> None:
+        self.table.start(self.clock)
+        self.revoke()
+        self.table.stop()
+        [line] = self.said("was never written to the database")
+        self.assertIn(
+            f"kept in {self.directory / UNSAVED_REVOKES_FILE}, so the key is refused again at the next start", line
+        )
+
+    def test_not_kept_when_the_file_cannot_be_written(self) -> None:
+        """
+        STATE_DIR full or gone too: the answer and the log say a restart
+        serves the key again, as without the file.
+        """
+        self.kept.path = self.directory / "missing" / UNSAVED_REVOKES_FILE
+        self.table.start(self.clock)
+        revoked = self.revoke()
+        self.assertIn("a restart before that serves the key again", revoked["warning"])
+        self.assertEqual(len(self.said("could not keep the key revokes not saved")), 1)
+        self.table.stop()
+        self.assertIn("the key works again when the gateway starts", self.said("was never written")[0])
+
+    def test_given_back_at_the_next_start(self) -> None:
+        self.table.start(self.clock)
+        self.revoke()
+        later = ConsumerTable(self.store, PriceTable.with_overrides({}), clock=lambda: 1000.0, revokes_file=self.kept)  # type: ignore[arg-type]
+        later.keys[self.key.hash] = ("team", self.key.prefix)
+        later.adopt_revokes(self.kept.load(), earlier_run=True)
+        self.assertIsNone(later.identify(self.key.key.encode()))
+        self.assertEqual(len(self.said("was not written to the database by an earlier run")), 1)
+        later.start(self.clock)
+        self.store.full = False
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual((later.revoking, self.kept.load()), ({}, {}))
+
+    def test_another_instances_revoke_kept_too(self) -> None:
+        """
+        A cluster's revoke adopted from Redis is kept here too: Redis
+        lost it (a restart without persistence), this instance restarted
+        still refuses the key.
+        """
+        self.table.adopt_revokes({self.key.hash: ("team", self.key.prefix)})
+        self.assertEqual(self.kept.load(), {self.key.hash: ("team", self.key.prefix)})
+
+    def test_untrusted_file(self) -> None:
+        """
+        A file of another shape, entries changed by hand, a link: what can
+        be read of it is taken, the rest said in a critical line.
+        """
+        path = self.directory / UNSAVED_REVOKES_FILE
+        good = {"sha256": "ab" * 32, "consumer": "team", "key_prefix": "abcdefgh"}
+        path.write_text(json.dumps({"revokes_unsaved": [good, {"sha256": "x"}, 3]}))
+        self.assertEqual(self.kept.load(), {"ab" * 32: ("team", "abcdefgh")})
+        self.assertIn("2 entr(y/ies)", self.said("are not key revokes")[0])
+        for content in ("[]", "{", '{"revokes_unsaved": 1}'):
+            path.write_text(content)
+            self.assertEqual(self.kept.load(), {})
+        path.unlink()
+        (self.directory / "elsewhere").write_text(json.dumps({"revokes_unsaved": [good]}))
+        path.symlink_to("elsewhere")
+        self.assertEqual(self.kept.load(), {})
+        self.assertTrue(self.said("could not read the key revokes not saved"))

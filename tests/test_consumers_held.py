@@ -13,6 +13,8 @@ PostgreSQL; the control plane against a gateway in this process.
 
 from __future__ import annotations
 
+import json
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from openclaw.consumers.model import Consumer, NewKey, retired_name
 from openclaw.consumers.prices import PriceTable
 from openclaw.consumers.store import CommandBounds, CommandTimedOut, ConsumerStore
 from openclaw.consumers.table import REVOKE_RETRY_SECONDS, ConsumerTable, Holder
+from openclaw.consumers.unsaved import UNSAVED_REVOKES_FILE
 from tests.postgres_server import Locker, postgres_database
 from tests.test_consumers import GatewayCase
 from tests.test_consumers_cluster import MODEL, sleep
@@ -261,3 +264,47 @@ class HeldGatewayTests(GatewayCase):
         self.assertNotIn("revokes_unsaved", listed["consumers"][0])
         refusal = yield self.refused(sdk, MODEL)
         self.assertEqual(refusal.status_code, 401)
+
+    @inlineCallbacks
+    def test_key_revoke_not_saved_survives_a_restart(self) -> Any:
+        """
+        A revoke the database has not taken is kept in STATE_DIR: the
+        gateway restarted before the database takes it (an operator's first
+        reflex when something is wrong) refuses the key from its start and
+        writes the revoke once it can; the key was served again (left s46).
+        """
+        gateway, client = yield self.gateway()
+        state_dir = gateway.service.settings.state_dir
+        kept = state_dir / UNSAVED_REVOKES_FILE
+        created = yield self.command(gateway, client, "consumer_create", {"name": "team"})
+        locker = Locker(self, self.database)
+        yield locker.lock("consumer_keys")
+        revoked = yield self.command(
+            gateway, client, "key_revoke", {"name": "team", "key_prefix": created["key_prefix"]}
+        )
+        self.assertIs(revoked["saved"], False, revoked)
+        self.assertIn(f"it is kept in {kept} too, so a restart of this gateway before then refuses", revoked["warning"])
+        self.assertEqual(stat.S_IMODE(kept.stat().st_mode), 0o600)
+        self.assertNotIn(created["key"], kept.read_text())
+        yield gateway.service.stopService()
+        self.assertTrue(
+            any(f"kept in {kept}, so the key is refused again at the next start" in formatEvent(e) for e in self.events)
+        )
+        yield locker.release()
+        # Started with the database taking writes again: the key is refused
+        # from the start, until the revoke's write 5 s on.
+        again, client = yield self.gateway(state_dir=state_dir)
+        sdk = self.sdk(again, created["key"])
+        refusal = yield self.refused(sdk, MODEL)
+        self.assertEqual(refusal.status_code, 401)
+        self.assertTrue(any("was not written to the database by an earlier run" in formatEvent(e) for e in self.events))
+        listed = yield self.command(again, client, "consumer_list", {"name": "team"})
+        self.assertEqual(listed["consumers"][0]["revokes_unsaved"], [created["key_prefix"]])
+        deadline = time.monotonic() + REVOKE_RETRY_SECONDS + 3
+        while time.monotonic() < deadline:
+            snapshot = yield again.service.consumer_store.load(time.time())
+            if not snapshot.keys and '"revokes_unsaved": []' in kept.read_text():
+                break
+            yield sleep(0.2)
+        self.assertEqual(snapshot.keys, {}, "the revoke was not written once the lock went")
+        self.assertEqual(json.loads(kept.read_text()), {"revokes_unsaved": []})

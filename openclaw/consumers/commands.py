@@ -613,15 +613,24 @@ class ConsumerCommands:
             reason = failure.value.reason
             cause = _held(reason) or f"the consumers' database did not take it: {unwritten_error(reason)}"
             advice = sqlite_file_advice(reason)
+            kept_in = failure.value.kept_in
+            restart = (
+                f"it is kept in {kept_in} too, so a restart of this "
+                f"{'instance' if self.cluster else 'gateway'} before then refuses the key still"
+                if kept_in is not None
+                else (
+                    "should Redis lose it before that, a restarted instance serves the key again"
+                    if self.cluster
+                    else "a restart before that serves the key again"
+                )
+            )
             kept = (
                 "it is kept in Redis, where every instance reads it, refuses the key and writes the revoke "
                 f"again every {REVOKE_RETRY_SECONDS:g} s until the database takes it (consumer_list shows the key "
-                "under revokes_unsaved until then); should Redis lose it before that, a restarted instance serves "
-                "the key again"
+                f"under revokes_unsaved until then); {restart}"
                 if self.cluster
                 else f"the gateway writes it again every {REVOKE_RETRY_SECONDS:g} s and logs when it has "
-                "(consumer_list shows the key under revokes_unsaved until then); a restart before that serves the "
-                "key again"
+                f"(consumer_list shows the key under revokes_unsaved until then); {restart}"
             )
             return answer() | {
                 "saved": False,

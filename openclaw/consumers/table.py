@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import attrs
@@ -53,6 +54,7 @@ from openclaw.timefmt import isoformat
 
 if TYPE_CHECKING:
     from openclaw.consumers.freshness import StallWatch
+    from openclaw.consumers.unsaved import UnsavedRevokesFile
 
 #: Rows kept waiting for the database at most (when it is down): past it
 #: the oldest are dropped, and the loss is logged.
@@ -126,11 +128,15 @@ class RevokeNotSaved(Exception):
     failure): the key is refused by this table all the same, and the
     revoke is written again every L{REVOKE_RETRY_SECONDS} until the
     database takes it (L{ConsumerTable.revoke_key}).
+
+    @ivar kept_in: the file in C{STATE_DIR} that keeps it for the next
+        start (L{UnsavedRevokesFile}), None when it is not kept there.
     """
 
-    def __init__(self, reason: Failure) -> None:
+    def __init__(self, reason: Failure, kept_in: Path | None = None) -> None:
         super().__init__(reason.getErrorMessage())
         self.reason = reason
+        self.kept_in = kept_in
 
 
 class ConsumerGone(Exception):
@@ -703,6 +709,8 @@ class ConsumerTable:
         L{openclaw.consumers.shared.SharedConsumers.share_revokes}).
     @param revoke_saved: called with the hashes of a revoke's keys once
         the database has it (in a cluster: forget it in Redis).
+    @param revokes_file: where the revokes not saved are kept for the
+        next start (C{STATE_DIR}'s); None: not kept.
     @param held_log_seconds: how long a write of usage rows the database
         holds goes unsaid, in seconds (L{HELD_LOG_SECONDS} by default).
     @param hold_until_loaded: write no usage rows until the table is
@@ -727,6 +735,7 @@ class ConsumerTable:
         changed: Callable[[str], None] = lambda name: None,
         revoke_unsaved: Callable[[dict[str, tuple[str, str]]], None] = lambda revokes: None,
         revoke_saved: Callable[[list[str]], None] = lambda hashes: None,
+        revokes_file: UnsavedRevokesFile | None = None,
         held_log_seconds: float = HELD_LOG_SECONDS,
         hold_until_loaded: bool = False,
     ) -> None:
@@ -802,6 +811,7 @@ class ConsumerTable:
         self.changed = changed
         self.revoke_unsaved = revoke_unsaved
         self.revoke_saved = revoke_saved
+        self.revokes_file = revokes_file
         #: The revokes not saved are kept for the other instances (a
         #: cluster's, in Redis), not lost at this one's stop.
         self.revokes_shared = False
@@ -939,17 +949,29 @@ class ConsumerTable:
         if self._revoke_retry is not None and self._revoke_retry.active():
             self._revoke_retry.cancel()
         self._revoke_retry = None
+        kept = self.revokes_file is not None and self.revokes_file.kept
         for name, prefix in sorted(set(self.revoking.values())):
             self._log.critical(
                 "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database"
                 + (
                     " by this instance: the cluster keeps it in Redis, whose other instances refuse the key and "
-                    "write the revoke (if Redis lost it, revoke the key again once the database takes writes)"
+                    "write the revoke"
                     if self.revokes_shared
-                    else ": the key works again when the gateway starts; revoke it again once the database takes writes"
+                    else ""
+                )
+                + (
+                    ": kept in {path}, so the key is refused again at the next start, which writes it"
+                    if kept
+                    else (
+                        " (if Redis lost it, revoke the key again once the database takes writes)"
+                        if self.revokes_shared
+                        else ": the key works again when the gateway starts; revoke it again once the database "
+                        "takes writes"
+                    )
                 ),
                 consumer=name,
                 key_prefix=prefix,
+                path=None if self.revokes_file is None else str(self.revokes_file.path),
             )
         # No next try by the timer: from now on only this one writes, until
         # `until`.
@@ -1747,25 +1769,45 @@ class ConsumerTable:
             if entry == revoked:
                 self.revoking[hashed] = revoked
 
-        def unsaved(reason: Failure) -> Failure:
+        def unsaved(reason: Failure) -> Deferred[int]:
+            return self._keep_revokes().addCallback(said, reason)
+
+        def said(kept: bool, reason: Failure) -> Failure:
+            kept_in = self.revokes_file.path if kept and self.revokes_file is not None else None
             if first:
                 format = (
                     "the revoke of key ock-{key_prefix} of consumer {consumer!r} could not be written ({error}): "
                     "the key is refused by this gateway all the same, and the revoke is written again every "
-                    "{retry_seconds:g} s; until it is, a restart of this gateway serves the key again"
+                    "{retry_seconds:g} s; until it is, "
+                    + (
+                        "it is kept in {path} for a restart"
+                        if kept_in is not None
+                        else "a restart of this gateway serves the key again"
+                    )
                 )
                 fields: dict[str, Any] = {
                     "consumer": name,
                     "key_prefix": prefix,
                     "retry_seconds": REVOKE_RETRY_SECONDS,
+                    "path": None if kept_in is None else str(kept_in),
                 }
                 if reason.check(CommandTimedOut, DatabaseFileLost):
                     self._log.critical(format, error=unwritten_error(reason), **fields)
                 else:
                     log_database_failure(self._log, format, reason, **fields)
-            return Failure(RevokeNotSaved(reason))
+            return Failure(RevokeNotSaved(reason, kept_in))
 
         return self._write_revoke(revoked).addErrback(unsaved)
+
+    def _keep_revokes(self) -> Deferred[bool]:
+        """
+        Keep the revokes not saved (L{revoking}) in C{STATE_DIR} for the
+        next start (L{UnsavedRevokesFile.save}): fires with whether they
+        are on disk (false without a file).
+        """
+        if self.revokes_file is None:
+            return succeed(False)
+        return self.revokes_file.save(self.revoking)
 
     def _write_revoke(self, revoked: tuple[str, str]) -> Deferred[int]:
         name, prefix = revoked
@@ -1779,6 +1821,7 @@ class ConsumerTable:
             self.revoking = {h: entry for h, entry in self.revoking.items() if entry != revoked}
             if saved:
                 self.revoke_saved(saved)
+                self._keep_revokes()
             removed = before - len(self.keys)
             if count or removed:
                 # Not when another instance wrote it and this table has
@@ -1812,12 +1855,15 @@ class ConsumerTable:
             # Failed: tried again (L{_write_revoke}), said at its first failure.
             self._write_revoke(revoked).addCallbacks(saved, lambda reason: None)
 
-    def adopt_revokes(self, revokes: Mapping[str, tuple[str, str]]) -> None:
+    def adopt_revokes(self, revokes: Mapping[str, tuple[str, str]], earlier_run: bool = False) -> None:
         """
-        Key revokes another instance could not write to the database yet
-        (a cluster's, from Redis: L{openclaw.consumers.shared.SharedConsumers.read_revokes}),
-        a key's SHA-256 hex -> (consumer, prefix): refused here too, and
-        written from here too (L{revoke_key}), each said once.
+        Key revokes not written to the database yet, a key's SHA-256 hex ->
+        (consumer, prefix): another instance's (a cluster's, from Redis:
+        L{openclaw.consumers.shared.SharedConsumers.read_revokes}), kept in
+        C{STATE_DIR} for this start too; or, C{earlier_run}, those an
+        earlier run of this gateway kept there (L{UnsavedRevokesFile.load}).
+        Refused here too, and written from here too (L{revoke_key}), each
+        said once.
         """
         adopted = {hashed: entry for hashed, entry in revokes.items() if hashed not in self.revoking}
         if not adopted:
@@ -1825,13 +1871,21 @@ class ConsumerTable:
         self.revoking.update(adopted)
         for name, prefix in sorted(set(adopted.values())):
             self._log.warn(
-                "key ock-{key_prefix} of consumer {consumer!r} was revoked on another instance, which could not "
-                "write the revoke to the database: refused here too, and written from here too every "
-                "{retry_seconds:g} s until the database takes it",
+                (
+                    "the revoke of key ock-{key_prefix} of consumer {consumer!r} was not written to the database "
+                    "by an earlier run (kept in {path}): the key is refused, and the revoke"
+                    if earlier_run
+                    else "key ock-{key_prefix} of consumer {consumer!r} was revoked on another instance, which could "
+                    "not write the revoke to the database: refused here too, and"
+                )
+                + " written from here every {retry_seconds:g} s until the database takes it",
                 consumer=name,
                 key_prefix=prefix,
                 retry_seconds=REVOKE_RETRY_SECONDS,
+                path=None if self.revokes_file is None else str(self.revokes_file.path),
             )
+        if not earlier_run:
+            self._keep_revokes()
         self._retry_revokes_later()
 
     def unsaved_revokes(self, name: str) -> list[str]:

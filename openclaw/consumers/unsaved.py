@@ -1,0 +1,158 @@
+"""
+The key revokes the consumers' database has not taken yet, kept in
+C{STATE_DIR} so that a restart before it does still refuses their keys
+(L{openclaw.consumers.table.ConsumerTable.revoke_key}).
+
+The file, C{STATE_DIR/openclaw-revokes-unsaved.json}, is a JSON object:
+C{{"revokes_unsaved": [{"sha256": HEX, "consumer": NAME, "key_prefix":
+PREFIX}, ...]}}: each key's SHA-256 (as the database holds it, never the
+key) and whose key it is.  It is rewritten whole (atomically, mode 0600)
+at every change, by the gateway's file writer, and read once at start as
+an untrusted file (L{openclaw.state.read_state_file}): an entry of
+another shape is left out, with a warning.  An entry the database has
+taken meanwhile (another instance of a cluster wrote it) is harmless: its
+write at start finds the key gone, and drops it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from openclaw.files import write_atomically
+from openclaw.state import UnsafeStateFile, read_state_file
+from openclaw.writer import FileWriter
+
+#: The file's name in C{STATE_DIR}.
+UNSAVED_REVOKES_FILE = "openclaw-revokes-unsaved.json"
+
+#: A key's SHA-256, as the table holds it (lower-case hex).
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+#: A revoke: a key's SHA-256 hex -> (consumer, key prefix).
+Revokes = Mapping[str, tuple[str, str]]
+
+
+class UnsavedRevokesFile:
+    """
+    Keeps the revokes not saved to the database in C{STATE_DIR}
+    (L{save}) and gives them back at the next start (L{load}).
+
+    @ivar path: the file.
+    @ivar kept: whether the revokes not saved, as last given to L{save},
+        are on disk (its write succeeded): what the operator is told at a
+        revoke's answer and at the stop.
+    """
+
+    _log = Logger()
+
+    def __init__(self, directory: Path, writer: FileWriter | None = None) -> None:
+        """
+        @param directory: C{STATE_DIR}.
+        @param writer: where L{save} writes, off the reactor thread; None:
+            on the calling thread (a test, a tool).
+        """
+        self.path = directory / UNSAVED_REVOKES_FILE
+        self._writer = writer
+        self.kept = True
+
+    def load(self) -> dict[str, tuple[str, str]]:
+        """
+        The revokes an earlier run kept (none when there is no file); a
+        file that cannot be read or trusted is said in a critical line (its
+        keys may be served) and read as none.
+        """
+        try:
+            document = json.loads(read_state_file(self.path))
+        except FileNotFoundError:
+            return {}
+        except (UnsafeStateFile, OSError, ValueError, RecursionError) as e:
+            self._log.critical(
+                "could not read the key revokes not saved to the database by an earlier run from {path} ({error}): "
+                "their keys are served if the database still has them; see which with openclawctl consumer list, "
+                "and revoke them again",
+                path=str(self.path),
+                error=str(e),
+            )
+            return {}
+        entries = document.get("revokes_unsaved") if isinstance(document, dict) else None
+        revokes: dict[str, tuple[str, str]] = {}
+        malformed = 0
+        for entry in entries if isinstance(entries, list) else [None]:
+            hashed, name, prefix = (
+                (entry.get("sha256"), entry.get("consumer"), entry.get("key_prefix"))
+                if isinstance(entry, dict)
+                else (None, None, None)
+            )
+            if (
+                isinstance(hashed, str)
+                and _SHA256.fullmatch(hashed)
+                and isinstance(name, str)
+                and isinstance(prefix, str)
+            ):
+                revokes[hashed] = (name, prefix)
+            else:
+                malformed += 1
+        if malformed:
+            self._log.critical(
+                "{count} entr(y/ies) of {path} are not key revokes (the file was changed by hand?): left out; "
+                "see which keys consumer list shows, and revoke them again",
+                count=malformed,
+                path=str(self.path),
+            )
+        return revokes
+
+    def save(self, revokes: Revokes) -> Deferred[bool]:
+        """
+        Replace the file with C{revokes} (an empty list when none), after
+        every write asked before (merged with one waiting: the last asked
+        is the file's).  Called on the reactor thread.
+
+        @return: a Deferred firing with whether they are on disk (also
+            L{kept}); a failure to write is logged.  Never fails.
+        """
+        text = self._document(revokes)
+        if self._writer is None:
+            try:
+                write_atomically(self.path, text)
+            except OSError as e:
+                return succeed(self._unkept(revokes, e))
+            return succeed(self._kept())
+
+        def failed(reason: Failure) -> bool:
+            error = reason.value if isinstance(reason.value, OSError) else reason.getErrorMessage()
+            return self._unkept(revokes, error)
+
+        return self._writer.write(self.path, text).addCallbacks(lambda _: self._kept(), failed)
+
+    def _kept(self) -> bool:
+        self.kept = True
+        return True
+
+    def _unkept(self, revokes: Revokes, error: object) -> bool:
+        self.kept = False
+        if revokes:
+            self._log.error(
+                "could not keep the key revokes not saved to the database in {path} ({error}): a restart before "
+                "the database takes them serves their keys again",
+                path=str(self.path),
+                error=getattr(error, "strerror", None) or str(error),
+            )
+        return False
+
+    @staticmethod
+    def _document(revokes: Revokes) -> str:
+        return json.dumps(
+            {
+                "revokes_unsaved": [
+                    {"sha256": hashed, "consumer": name, "key_prefix": prefix}
+                    for hashed, (name, prefix) in sorted(revokes.items())
+                ]
+            }
+        )
