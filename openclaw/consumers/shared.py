@@ -1121,12 +1121,12 @@ class SharedCounters:
                 error=reason.getErrorMessage() or repr(reason.value),
             )
 
-        def sent_(_: object) -> None:
+        def taken(_: object) -> None:
             window(self.sent)
             self._taken(now)
 
         sent: Deferred[Any] = self.redis.script(COUNT, keys, args)
-        sent.addTimeout(self.timeout, self.reactor).addCallbacks(sent_, unsent)
+        sent.addTimeout(self.timeout, self.reactor).addCallbacks(taken, unsent)
 
     def _shared(self, holder: Holder, reserved: float, tokens: int, at: int) -> bool:
         """
