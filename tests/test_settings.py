@@ -718,6 +718,7 @@ class LoadTests(SynchronousTestCase):
             "HEALTH_CHECK_TIMEOUT",
             "UPSTREAM_TIMEOUT",
             "UPSTREAM_CONNECT_TIMEOUT",
+            "UPSTREAM_STREAM_MAX_SECONDS",
             "API_HEADER_TIMEOUT_SECONDS",
             "API_BODY_TIMEOUT_SECONDS",
             "API_SEND_TIMEOUT_SECONDS",

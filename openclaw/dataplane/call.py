@@ -69,6 +69,7 @@ from openclaw.dataplane.errors import (
     retry_after_seconds,
     shutting_down,
     sooner_elsewhere,
+    stream_too_long,
     upstream_failed,
     upstream_refused,
     upstream_timeout,
@@ -1001,7 +1002,7 @@ class ChatCall:
             # after (such
             # events every 2 s held a client, with no byte or with a 200
             # and empty deltas, for as long as the provider went on).
-            self._timer.reset(self.context.timeout)
+            self._timer.reset(self._upstream_wait())
         if events:
             events = self.adapter.scrubber.data(events)
             start = self._start
@@ -1189,9 +1190,12 @@ class ChatCall:
         choice has finished (its body's end is all that may be missing).
         """
         translation = self._translation
+        context = self.context
+        timeout = context.timeout
         if translation is not None and translation.finished:
-            return min(self.context.timeout, COMPLETE_STREAM_GRACE_SECONDS)
-        return self.context.timeout
+            timeout = min(timeout, COMPLETE_STREAM_GRACE_SECONDS)
+        # A stream lasts UPSTREAM_STREAM_MAX_SECONDS at most (L{_timed_out}).
+        return max(0.0, min(timeout, self.started + context.stream_max_seconds - context.reactor.seconds()))
 
     def _send_timeout(self) -> float:
         """
@@ -1246,6 +1250,12 @@ class ChatCall:
             # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole,
             # and the provider's connection is let go at once.
             return self._close_stream(translation, drain=False)
+        if self._start is not None and self._stream_too_long():
+            # A provider that goes on sending (a model looping, a proxy
+            # feeding events): cut, told in the stream (or, in the
+            # unlikely case that nothing of it was sent, as the answer:
+            # not failed over, the call's time is up).
+            return self._fail(stream_too_long(self.route.provider_id, self.context.stream_max_seconds))
         waiting_for = self._waiting_for
         if waiting_for is None:
             assert self._start is not None
@@ -1260,6 +1270,14 @@ class ChatCall:
         # No headers, no whole body, no first event in time: the provider's
         # failure, nothing of it sent on; let this attempt go.
         return self._attempt_failed("timeout", error)
+
+    def _stream_too_long(self) -> bool:
+        """
+        The stream has lasted UPSTREAM_STREAM_MAX_SECONDS since the request
+        came (L{_upstream_wait} bounds every wait by that).
+        """
+        context = self.context
+        return context.reactor.seconds() - self.started >= context.stream_max_seconds
 
     def shut_down(self) -> None:
         """

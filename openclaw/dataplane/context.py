@@ -210,6 +210,9 @@ class APIContext:
     #: provider ids does, to the provider the registry's
     #: L{fallback_for <openclaw.providers.registry.ProviderRegistry.fallback_for>} names.
     fallback: str | tuple[str, ...] = "auto"
+    #: UPSTREAM_STREAM_MAX_SECONDS: how long a streamed answer may last,
+    #: from the request's arrival, in seconds.
+    stream_max_seconds: float = 3600.0
     #: Counts a failover: C{(from, to, reason)} (C{openclaw_api_fallbacks_total}).
     count_fallback: Callable[[str, str, str], None] = _uncounted_fallback
     #: EMBEDDING_MODEL: the provider (None: none has embeddings) and the
@@ -299,6 +302,7 @@ class APIContext:
             keys=GatewayKeys.of(settings.gateway_api_keys, consumers),
             consumers=consumers,
             timeout=settings.upstream_timeout,
+            stream_max_seconds=settings.upstream_stream_max_seconds,
             reactor=reactor,
             tally=tally,
             log_successes=settings.log_level == "debug",

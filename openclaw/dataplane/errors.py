@@ -338,6 +338,21 @@ def upstream_timeout(
     )
 
 
+def stream_too_long(provider_id: str, seconds: float) -> APIError:
+    """
+    504: a streamed answer was still coming after C{seconds}
+    (C{UPSTREAM_STREAM_MAX_SECONDS}), counted from the request's arrival.
+    """
+    return APIError(
+        504,
+        f"{provider_id}'s streamed answer was still going after {seconds:g} s (UPSTREAM_STREAM_MAX_SECONDS), and "
+        "was cut there; ask for a shorter answer (max_completion_tokens), or ask the operator to raise "
+        "UPSTREAM_STREAM_MAX_SECONDS",
+        "upstream_error",
+        "stream_too_long",
+    )
+
+
 def internal_error() -> APIError:
     """
     500 C{internal_error}: a bug of the gateway's (logged with its

@@ -293,6 +293,10 @@ class Settings:
     #: cannot be connected to fails over at once, not after
     #: C{upstream_timeout}.
     upstream_connect_timeout: float = 10.0
+    #: Seconds a streamed answer may last, from the request's arrival: a
+    #: provider that goes on sending (a model looping, a proxy feeding
+    #: events) is cut there, the stream ended with an error event.
+    upstream_stream_max_seconds: float = 3600.0
     max_request_bytes: int = 8 * 1024 * 1024
     #: Idle persistent connections kept per provider host (scheme, host,
     #: port).  Twisted's default of 2 would make every concurrent call
@@ -1162,6 +1166,12 @@ def _load_settings(
             _seconds(MIN_DEADLINE_SECONDS),
             defaults.upstream_connect_timeout,
             f"{_DEADLINE_HINT}, such as 10",
+        ),
+        upstream_stream_max_seconds=reader.read(
+            "UPSTREAM_STREAM_MAX_SECONDS",
+            _seconds(MIN_DEADLINE_SECONDS),
+            defaults.upstream_stream_max_seconds,
+            f"{_DEADLINE_HINT}, such as 3600",
         ),
         max_request_bytes=reader.read(
             "MAX_REQUEST_BYTES",
