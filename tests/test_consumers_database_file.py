@@ -337,6 +337,16 @@ class KeptRevokesTests(RefusingStoreCase):
         self.clock.advance(REVOKE_RETRY_SECONDS)
         self.assertEqual(self.kept.load(), {})
 
+    def test_nothing_written_for_a_revoke_saved_at_once(self) -> None:
+        """
+        A revoke the database takes at once leaves no file behind (nor a
+        write of one at each revoke).
+        """
+        self.assertEqual(self.kept.load(), {})
+        self.store.full = False
+        self.assertTrue(self.revoke()["saved"])
+        self.assertFalse(self.kept.path.exists())
+
     def test_stop_says_it_is_kept(self) -> None:
         self.table.start(self.clock)
         self.revoke()

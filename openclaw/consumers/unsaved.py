@@ -61,6 +61,9 @@ class UnsavedRevokesFile:
         self.path = directory / UNSAVED_REVOKES_FILE
         self._writer = writer
         self.kept = True
+        #: The text last asked of the file (L{load}'s, as it would write
+        #: it): a save of the same is no write.  None: not known.
+        self._asked: str | None = None
 
     def load(self) -> dict[str, tuple[str, str]]:
         """
@@ -71,6 +74,7 @@ class UnsavedRevokesFile:
         try:
             document = json.loads(read_state_file(self.path))
         except FileNotFoundError:
+            self._asked = self._document({})
             return {}
         except (UnsafeStateFile, OSError, ValueError, RecursionError) as e:
             self._log.critical(
@@ -99,7 +103,9 @@ class UnsavedRevokesFile:
                 revokes[hashed] = (name, prefix)
             else:
                 malformed += 1
-        if malformed:
+        if not malformed:
+            self._asked = self._document(revokes)
+        else:
             self._log.critical(
                 "{count} entr(y/ies) of {path} are not key revokes (the file was changed by hand?): left out; "
                 "see which keys consumer list shows, and revoke them again",
@@ -115,9 +121,14 @@ class UnsavedRevokesFile:
         is the file's).  Called on the reactor thread.
 
         @return: a Deferred firing with whether they are on disk (also
-            L{kept}); a failure to write is logged.  Never fails.
+            L{kept}); a failure to write is logged.  Never fails.  The
+            same as last asked (the revoke of a key that the database
+            took at once: none before, none after) is not written again.
         """
         text = self._document(revokes)
+        if text == self._asked and self.kept:
+            return succeed(True)
+        self._asked = text
         if self._writer is None:
             try:
                 write_atomically(self.path, text)
