@@ -81,6 +81,8 @@ from openclaw.reactors import IGatewayReactor
 from openclaw.routing import ActiveRoute, Route
 from openclaw.session import RotationUnderWay, SessionAuthority, SessionToken, TokenFileUnwritable
 from openclaw.settings import Settings
+from openclaw.settings.errors import ConfigError
+from openclaw.settings.permissions import check_token_directory
 from openclaw.stalls import boot_clock
 from openclaw.state import RouteStore
 from openclaw.timefmt import isoformat
@@ -251,6 +253,22 @@ _LOCKED_FOR = MappingProxyType(
 )
 
 
+def _unsafe_lock_directory(path: Path, setting: str) -> str | None:
+    """
+    Why the directory of C{TOKEN_FILE}'s lock file C{path}, just made
+    again, breaks the rule start-up holds it to (L{check_token_directory}:
+    made again so that others may write it, they could remove the lock
+    and let a second gateway take the token file), or None.
+    """
+    if setting != "TOKEN_FILE":
+        return None
+    try:
+        check_token_directory(path, f"the lock file {str(path)!r}")
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 class HeldLocks(Service):
     """
     What the gateway holds for its whole life, taken by C{twistd openclaw}
@@ -384,13 +402,16 @@ class HeldLocks(Service):
                     )
             else:
                 self._lost_said.discard(lock.path)
-                self._log.warn(
+                unsafe = _unsafe_lock_directory(lock.path, setting)
+                self._log.emit(
+                    LogLevel.warn if unsafe is None else LogLevel.critical,
                     "the lock file {path} of {setting} was {what} while the gateway ran (an rm, a cleaner of old "
                     "files in /tmp or /run): made again and locked, so that no second gateway starts on the same "
-                    "{setting}; keep cleaners away from it",
+                    "{setting}; keep cleaners away from it{unsafe}",
                     path=str(lock.path),
                     setting=setting,
                     what=what,
+                    unsafe="" if unsafe is None else f"; but {unsafe}",
                 )
         self._sessions.restore_token_file()
 

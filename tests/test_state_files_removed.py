@@ -292,6 +292,25 @@ class LockFilesTests(SynchronousTestCase):
         self.held.check_files()
         self.assertEqual(len(self.events), 1)
 
+    def test_token_lock_made_again_where_others_may_write(self) -> None:
+        """
+        TOKEN_FILE's directory made again so that others may write it (a
+        cleaner removed it, an operator's mkdir under umask 000): the lock
+        is taken again all the same (better than none), in one critical
+        line saying others could remove it, with the fix; it was a plain
+        warning, the directory said only by the token file's own line.
+        """
+        self.token_lock.path.unlink()
+        self.dir.chmod(0o777)
+        self.addCleanup(self.dir.chmod, 0o700)
+        self.held.check_files()
+        [said] = self.events
+        self.assertEqual(said["log_level"], LogLevel.critical)
+        line = formatEvent(said)
+        self.assertIn(f"the lock file {self.token_lock.path} of TOKEN_FILE was removed", line)
+        self.assertIn("made again and locked", line)
+        self.assertIn("chmod go-w", line)
+
     def test_taken_by_another(self) -> None:
         """
         A lock file removed, and a second gateway holding the one made
