@@ -391,6 +391,16 @@ class KeptRevokesTests(RefusingStoreCase):
         self.table.adopt_revokes({self.key.hash: ("team", self.key.prefix)})
         self.assertEqual(self.kept.load(), {self.key.hash: ("team", self.key.prefix)})
 
+    def test_many_revokes_kept(self) -> None:
+        """
+        Every key of a leak revoked while the database is down: a thousand
+        revokes (well past the route file's 64 KiB) come back whole.
+        """
+        revokes = {f"{n:064x}": (f"team-{n:04d}", f"{n:08d}") for n in range(1000)}
+        self.assertTrue(self.successResultOf(self.kept.save(revokes)))
+        self.assertGreater(self.kept.path.stat().st_size, 64 * 1024)
+        self.assertEqual(self.kept.load(), revokes)
+
     def test_untrusted_file(self) -> None:
         """
         A file of another shape, entries changed by hand, a link: what can

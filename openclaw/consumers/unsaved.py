@@ -32,6 +32,11 @@ from openclaw.writer import FileWriter
 #: The file's name in C{STATE_DIR}.
 UNSAVED_REVOKES_FILE = "openclaw-revokes-unsaved.json"
 
+#: The most bytes of the file read: an entry is at most about 200 bytes,
+#: so some 80,000 revokes (an operator revoking every key of a leak while
+#: the database is down); the route's 64 KiB would hold some 300.
+MAX_UNSAVED_REVOKES_BYTES = 16 * 1024 * 1024
+
 #: A key's SHA-256, as the table holds it (lower-case hex).
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -72,7 +77,7 @@ class UnsavedRevokesFile:
         keys may be served) and read as none.
         """
         try:
-            document = json.loads(read_state_file(self.path))
+            document = json.loads(read_state_file(self.path, MAX_UNSAVED_REVOKES_BYTES))
         except FileNotFoundError:
             self._asked = self._document({})
             return {}
