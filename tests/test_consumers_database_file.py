@@ -400,6 +400,9 @@ class KeptRevokesTests(RefusingStoreCase):
         self.assertTrue(self.successResultOf(self.kept.save(revokes)))
         self.assertGreater(self.kept.path.stat().st_size, 64 * 1024)
         self.assertEqual(self.kept.load(), revokes)
+        self.table.adopt_revokes(self.kept.load(), earlier_run=True)
+        self.assertEqual(len(self.said("by an earlier run")), 10)
+        self.assertIn("and 990 more key revokes not written", self.said("more key revokes")[0])
 
     def test_untrusted_file(self) -> None:
         """

@@ -120,6 +120,10 @@ class NotReleased(Exception):
 #: How often a key revoke the database did not take is tried again, in
 #: seconds (L{ConsumerTable.revoke_key}); the key is refused meanwhile.
 REVOKE_RETRY_SECONDS = 5.0
+#: How many revokes taken at once (L{ConsumerTable.adopt_revokes}) are
+#: said one line each: the rest in one line (every key of a leak revoked
+#: while the database was down).
+ADOPTED_REVOKES_SAID = 10
 
 
 class RevokeNotSaved(Exception):
@@ -1869,7 +1873,8 @@ class ConsumerTable:
         if not adopted:
             return
         self.revoking.update(adopted)
-        for name, prefix in sorted(set(adopted.values())):
+        revoked = sorted(set(adopted.values()))
+        for name, prefix in revoked[:ADOPTED_REVOKES_SAID]:
             self._log.warn(
                 (
                     "the revoke of key ock-{key_prefix} of consumer {consumer!r} was not written to the database "
@@ -1883,6 +1888,12 @@ class ConsumerTable:
                 key_prefix=prefix,
                 retry_seconds=REVOKE_RETRY_SECONDS,
                 path=None if self.revokes_file is None else str(self.revokes_file.path),
+            )
+        if len(revoked) > ADOPTED_REVOKES_SAID:
+            self._log.warn(
+                "and {count} more key revokes not written to the database yet, likewise (consumer_list shows each "
+                "under revokes_unsaved)",
+                count=len(revoked) - ADOPTED_REVOKES_SAID,
             )
         if not earlier_run:
             self._keep_revokes()
