@@ -403,6 +403,9 @@ class KeptRevokesTests(RefusingStoreCase):
         self.table.adopt_revokes(self.kept.load(), earlier_run=True)
         self.assertEqual(len(self.said("by an earlier run")), 10)
         self.assertIn("and 990 more key revokes not written", self.said("more key revokes")[0])
+        self.table.stop()
+        self.assertEqual(len(self.said("was never written to the database")), 10)
+        self.assertIn("and 990 more key revokes never written to the database, kept in", self.said("990 more")[1])
 
     def test_untrusted_file(self) -> None:
         """

@@ -954,7 +954,9 @@ class ConsumerTable:
             self._revoke_retry.cancel()
         self._revoke_retry = None
         kept = self.revokes_file is not None and self.revokes_file.kept
-        for name, prefix in sorted(set(self.revoking.values())):
+        unsaved = sorted(set(self.revoking.values()))
+        # Each named when it is lost (to be revoked again); ten when kept.
+        for name, prefix in unsaved[:ADOPTED_REVOKES_SAID] if kept else unsaved:
             self._log.critical(
                 "the revoke of key ock-{key_prefix} of consumer {consumer!r} was never written to the database"
                 + (
@@ -975,6 +977,12 @@ class ConsumerTable:
                 ),
                 consumer=name,
                 key_prefix=prefix,
+                path=None if self.revokes_file is None else str(self.revokes_file.path),
+            )
+        if kept and len(unsaved) > ADOPTED_REVOKES_SAID:
+            self._log.critical(
+                "and {count} more key revokes never written to the database, kept in {path} likewise",
+                count=len(unsaved) - ADOPTED_REVOKES_SAID,
                 path=None if self.revokes_file is None else str(self.revokes_file.path),
             )
         # No next try by the timer: from now on only this one writes, until
