@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from openclaw.consumers.service import warn_rescued_copies
 from openclaw.consumers.store import DATABASE_FILE_LOST, DATABASE_RESCUED, ConsumerStore
+from openclaw.consumers.unsaved import UNSAVED_REVOKES_FILE, UnsavedRevokesFile
 from openclaw.files import FILES_CHECK_SECONDS, PidLock
 from openclaw.service import HeldLocks
 from openclaw.session import SessionAuthority, TokenFileUnwritable
@@ -143,6 +145,34 @@ class DatabaseRemovedTests(GatewayCase):
         self.assertEqual([name.split(".lost-")[0] for name in left], ["openclaw.db-shm", "openclaw.db-wal"], left)
         self.assertTrue(all(".lost-" in name for name in left), left)
         self.assertTrue(database.exists())
+
+    @inlineCallbacks
+    def test_unsaved_revoke_kept_again_beside_the_copy(self) -> Any:
+        """
+        A key revoke the database did not take (a full disk), then an
+        C{rm -rf} of STATE_DIR: the rescue copy lacks the revoke, and its
+        file went with the directory; it is written again beside the copy
+        and said, so that a start on the copy refuses the key (left s46:
+        the operator who restored the copy got the key back).
+        """
+        gateway, client = yield self.gateway()
+        created = yield self.command(gateway, client, "consumer_create", {"name": "alpha"})
+        store = gateway.service.consumer_store
+        self.patch(store, "revoke_key", lambda name, prefix: fail(_full()))
+        revoked = yield self.command(
+            gateway, client, "key_revoke", {"name": "alpha", "key_prefix": created["key_prefix"]}
+        )
+        self.assertIs(revoked["saved"], False)
+        state_dir = gateway.service.settings.state_dir
+        kept = state_dir / UNSAVED_REVOKES_FILE
+        self.assertTrue(kept.exists())
+        shutil.rmtree(state_dir)
+        yield self.wait_for("a copy of the consumers' database", FILES_CHECK_SECONDS * 3)
+        said = yield self.wait_for("the copy lacks", 2)
+        self.assertEqual(said["log_level"], LogLevel.warn)
+        self.assertIn(f"1 key revoke(s) not saved to the database; they are kept in {kept}", formatEvent(said))
+        self.assertEqual(list(UnsavedRevokesFile(state_dir).load().values()), [("alpha", created["key_prefix"])])
+        self.flushLoggedErrors()
 
     @inlineCallbacks
     def test_rescue_tried_again(self) -> Any:

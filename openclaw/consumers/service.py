@@ -592,11 +592,33 @@ class ConsumersService(Service):
             self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
             return rescue()
 
-        def rescued(copy: Path | None) -> None:
-            if copy is not None and store.database_path is not None:
-                self._log.critical(
-                    DATABASE_RESCUED, copy=shlex.quote(str(copy)), path=shlex.quote(str(store.database_path))
-                )
+        def rescued(copy: Path | None) -> Deferred[None] | None:
+            if copy is None or store.database_path is None:
+                return None
+            self._log.critical(
+                DATABASE_RESCUED, copy=shlex.quote(str(copy)), path=shlex.quote(str(store.database_path))
+            )
+            # The copy lacks the key revokes not saved, whose file may have
+            # gone with the directory: kept again beside it, so that the
+            # start on the copy refuses those keys and writes them.
+            keeping = self._table.keep_revokes_again()
+            return None if keeping is None else keeping.addCallback(revokes_kept)
+
+        def revokes_kept(kept: bool) -> None:
+            table = self._table
+            path = None if table.revokes_file is None else str(table.revokes_file.path)
+            self._log.emit(
+                LogLevel.warn if kept else LogLevel.critical,
+                "the copy lacks {count} key revoke(s) not saved to the database"
+                + (
+                    "; they are kept in {path}, so a start on the copy refuses those keys and writes the revokes"
+                    if kept
+                    else ", and they could not be kept in {path}: revoke those keys again after the restart "
+                    "(consumer_list shows each under revokes_unsaved)"
+                ),
+                count=len(set(table.revoking.values())),
+                path=path,
+            )
 
         def not_rescued(reason: Failure) -> None:
             if self._rescue_failed:

@@ -1811,6 +1811,20 @@ class ConsumerTable:
 
         return self._write_revoke(revoked).addErrback(unsaved)
 
+    def keep_revokes_again(self) -> Deferred[bool] | None:
+        """
+        Write the revokes not saved to C{STATE_DIR} again, if any: the
+        file may have gone with the directory (an C{rm -rf} of
+        C{STATE_DIR}, whose SQLite database the gateway just copied back:
+        L{openclaw.consumers.service.ConsumersService.check_database_file}).
+
+        @return: None when there is nothing to keep, else a Deferred firing
+            with whether they are on disk.
+        """
+        if self.revokes_file is None or not self.revoking:
+            return None
+        return self.revokes_file.save(self.revoking, again=True)
+
     def _keep_revokes(self) -> Deferred[bool]:
         """
         Keep the revokes not saved (L{revoking}) in C{STATE_DIR} for the

@@ -119,7 +119,7 @@ class UnsavedRevokesFile:
             )
         return revokes
 
-    def save(self, revokes: Revokes) -> Deferred[bool]:
+    def save(self, revokes: Revokes, again: bool = False) -> Deferred[bool]:
         """
         Replace the file with C{revokes} (an empty list when none), after
         every write asked before (merged with one waiting: the last asked
@@ -128,10 +128,11 @@ class UnsavedRevokesFile:
         @return: a Deferred firing with whether they are on disk (also
             L{kept}); a failure to write is logged.  Never fails.  The
             same as last asked (the revoke of a key that the database
-            took at once: none before, none after) is not written again.
+            took at once: none before, none after) is not written again,
+            unless C{again} (the file was lost with its directory).
         """
         text = self._document(revokes)
-        if text == self._asked and self.kept:
+        if text == self._asked and self.kept and not again:
             return succeed(True)
         self._asked = text
         if self._writer is None:
