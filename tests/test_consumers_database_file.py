@@ -234,6 +234,36 @@ class RefusedChangeTests(RefusingStoreCase):
         # The usage rows' flusher only: no try of the revoke left.
         self.assertEqual(len(self.clock.getDelayedCalls()), 1)
 
+    def test_retried_one_at_a_time(self) -> None:
+        """
+        Many revokes not saved: a round of retries stops at the first the
+        database refuses (one failing write every 5 s, not one per
+        revoke), and writes them all, one after the other, once it takes
+        them; the lines are ten, then one for the rest.
+        """
+        tried: list[str] = []
+        refuse = self.store.revoke_key
+
+        def counted(name: str, prefix: str) -> Deferred[int]:
+            tried.append(prefix)
+            return refuse(name, prefix)
+
+        self.store.revoke_key = counted  # type: ignore[method-assign]
+        for _ in range(30):
+            key = NewKey.make()
+            self.table.keys[key.hash] = ("team", key.prefix)
+            self.successResultOf(self.commands["key_revoke"]({"name": "team", "key_prefix": key.prefix}))
+        self.table.start(self.clock)
+        del tried[:]
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual(len(tried), 1)
+        self.store.full = False
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual(len(tried), 31)
+        self.assertEqual(self.table.revoking, {})
+        self.assertEqual(len(self.said("is written to the database now")), 10)
+        self.assertIn("and 20 more key revokes are written", self.said("more key revokes")[0])
+
     def test_revoke_survives_a_reload(self) -> None:
         """
         A reload (another instance's change) brings back the database's

@@ -1868,18 +1868,39 @@ class ConsumerTable:
             self._revoke_retry = self._reactor.callLater(REVOKE_RETRY_SECONDS, self._retry_revokes)
 
     def _retry_revokes(self) -> None:
+        """
+        Write the revokes not saved again, one after the other: the first
+        the database refuses ends the round (the next is in
+        L{REVOKE_RETRY_SECONDS}), so that thousands of them (every key of a
+        leak revoked while the database is down) make one failing write a
+        round, not thousands.
+        """
         self._revoke_retry = None
-        for revoked in sorted(set(self.revoking.values()) - self._revokes_writing):
+        Deferred.fromCoroutine(self._retry_round())
 
-            def saved(count: int, revoked: tuple[str, str] = revoked) -> None:
+    async def _retry_round(self) -> None:
+        written = 0
+        for revoked in sorted(set(self.revoking.values()) - self._revokes_writing):
+            if revoked in self._revokes_writing:
+                # Given again by a command meanwhile: that write is its.
+                continue
+            try:
+                await self._write_revoke(revoked)
+            except Exception:
+                # Tried again next round (L{_write_revoke}), said at its
+                # first failure.
+                return
+            written += 1
+            if written <= ADOPTED_REVOKES_SAID:
                 self._log.info(
                     "the revoke of key ock-{key_prefix} of consumer {consumer!r} is written to the database now",
                     consumer=revoked[0],
                     key_prefix=revoked[1],
                 )
-
-            # Failed: tried again (L{_write_revoke}), said at its first failure.
-            self._write_revoke(revoked).addCallbacks(saved, lambda reason: None)
+        if written > ADOPTED_REVOKES_SAID:
+            self._log.info(
+                "and {count} more key revokes are written to the database now", count=written - ADOPTED_REVOKES_SAID
+            )
 
     def adopt_revokes(self, revokes: Mapping[str, tuple[str, str]], earlier_run: bool = False) -> None:
         """
