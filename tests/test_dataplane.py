@@ -825,37 +825,41 @@ class StreamFailureTests(DataPlaneTestCase):
         """
         A provider that goes on sending (an event every 0.1 s, for 4 s: a
         model looping, a proxy feeding events) is cut at
-        UPSTREAM_STREAM_MAX_SECONDS from the request's arrival: the stream
-        ends with an error event saying so, and the provider's request is
-        let go; it ran as long as the provider went on.  A stream that ends
-        in time is whole.
+        UPSTREAM_STREAM_MAX_SECONDS from the request's arrival, on either
+        wire: the stream ends with an error event saying so, and the
+        provider's request is let go; it ran as long as the provider went
+        on.  A stream that ends in time is whole.
         """
-        self.upstream.kimi.chunk_interval = 0.1
-        self.upstream.kimi.reply = " ".join(["word"] * 40)
         gateway = self.gateway(default_provider="kimi", upstream_stream_max_seconds=1.0)
         client = self.sdk(gateway)
 
-        def consume() -> list[Any]:
+        def consume(model: str) -> list[Any]:
             chunks: list[Any] = []
             try:
-                chunks.extend(client.chat.completions.create(model="x", messages=HELLO, stream=True))
+                chunks.extend(client.chat.completions.create(model=model, messages=HELLO, stream=True))
             except openai.APIError as e:
                 return [chunks, e]
             return [chunks, None]
 
-        started = reactor.seconds()
-        chunks, error = yield deferToThread(consume)
-        self.assertLess(reactor.seconds() - started, 2.5)
-        self.assertGreater(len(chunks), 3)
-        self.assertIsInstance(error, openai.APIError)
-        self.assertIn("still going after 1 s (UPSTREAM_STREAM_MAX_SECONDS), and was cut there", str(error))
-        yield self.upstream.kimi.when_streams_lost(1)
-        [line] = [e for e in self.events if e.get("outcome") == "stream_too_long"]
-        self.assertEqual(line["status"], 504)
-        self.upstream.kimi.reply = "one two three"
-        chunks, error = yield deferToThread(consume)
-        self.assertIsNone(error)
-        self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
+        for provider, model in (
+            (self.upstream.kimi, "kimi/moonshot-v1-8k"),
+            (self.upstream.gemini, "gemini/gemini-2.5-flash"),
+        ):
+            provider.chunk_interval = 0.1
+            provider.reply = " ".join(["word"] * 40)
+            started = reactor.seconds()
+            chunks, error = yield deferToThread(consume, model)
+            self.assertLess(reactor.seconds() - started, 2.5, model)
+            self.assertGreater(len(chunks), 3, model)
+            self.assertIsInstance(error, openai.APIError, model)
+            self.assertIn("still going after 1 s (UPSTREAM_STREAM_MAX_SECONDS), and was cut there", str(error))
+            yield provider.when_streams_lost(1)
+            provider.reply = "one two three"
+            chunks, error = yield deferToThread(consume, model)
+            self.assertIsNone(error, model)
+            self.assertEqual(chunks[-1].choices[0].finish_reason, "stop", model)
+        lines = [e for e in self.events if e.get("outcome") == "stream_too_long"]
+        self.assertEqual([line["status"] for line in lines], [504, 504])
 
     @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
