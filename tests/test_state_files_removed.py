@@ -112,6 +112,23 @@ class DatabaseRemovedTests(GatewayCase):
         self.assertEqual(self.flushLoggedErrors(), [])
 
     @inlineCallbacks
+    def test_companion_removed_names_the_database_to_restore(self) -> Any:
+        """
+        Only openclaw.db-shm removed (an rm -rf that could not remove an
+        immutable database): the line says the -shm went, and that the
+        copy goes back to openclaw.db (it said to move it to the -shm's
+        path: recheck s47).
+        """
+        gateway, _ = yield self.gateway()
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        shm = database.with_name("openclaw.db-shm")
+        shm.unlink()
+        said = yield self.wait_for("while the gateway runs", FILES_CHECK_SECONDS * 3)
+        line = formatEvent(said)
+        self.assertIn(f"the consumers' database {shm} was removed", line)
+        self.assertIn(f"move that copy to {database} (or", line)
+
+    @inlineCallbacks
     def call(self, gateway: Any, key: str) -> Any:
         result = yield deferToThread(
             self.sdk(gateway, key).chat.completions.create, model="kimi/moonshot-v1-8k", messages=HELLO

@@ -589,7 +589,7 @@ class ConsumersService(Service):
         def checked(lost: DatabaseFileLost | None) -> Deferred[None] | None:
             if lost is None:
                 return None
-            self._log.critical(DATABASE_FILE_LOST, path=str(lost.path), what=lost.what)
+            self._log.critical(DATABASE_FILE_LOST, file=str(lost.path), path=str(lost.database), what=lost.what)
             return rescue()
 
         def rescued(copy: Path | None) -> Deferred[None] | None:

@@ -673,7 +673,7 @@ def log_database_failure(
 #: the running gateway (L{DatabaseFileLost}), and the answer to each
 #: consumer command that would change the database from then on.
 DATABASE_FILE_LOST = (
-    "the consumers' database {path} was {what} while the gateway runs (an rm, a cleaner of old files, a "
+    "the consumers' database {file} was {what} while the gateway runs (an rm, a cleaner of old files, a "
     "restore over it): the gateway still uses the file it opened, which nothing else can open and which is "
     "gone when it stops, so the consumer commands that change consumers or keys are refused from now on "
     "(nothing is changed: a restart would lose it); calls are still served and counted, their usage rows "
@@ -700,10 +700,13 @@ class DatabaseFileLost(Exception):
     @ivar path: the file that went, as named.
     @ivar what: what became of it (L{openclaw.files.displaced}: C{"removed"},
         C{"replaced by another file"}).
+    @ivar database: the database's own file (C{openclaw.db}), where its
+        copy goes back (C{path} may be its C{-wal} or C{-shm}).
     """
 
-    def __init__(self, path: Path, what: str) -> None:
-        super().__init__(DATABASE_FILE_LOST.format(path=str(path), what=what))
+    def __init__(self, path: Path, what: str, database: Path | None = None) -> None:
+        self.database = path if database is None else database
+        super().__init__(DATABASE_FILE_LOST.format(file=str(path), path=str(self.database), what=what))
         self.path = path
         self.what = what
 
@@ -927,7 +930,7 @@ class ConsumerStore:
         for name, held in self._held_files.items():
             what = displaced(name, held)
             if what is not None:
-                return DatabaseFileLost(name, what)
+                return DatabaseFileLost(name, what, self.database_path)
         self._note_files()
         return None
 
