@@ -377,6 +377,39 @@ class KeptRevokesTests(RefusingStoreCase):
         self.assertTrue(self.revoke()["saved"])
         self.assertFalse(self.kept.path.exists())
 
+    def test_removed_file_written_again(self) -> None:
+        """
+        The file removed while the gateway runs (an rm, a cleaner): written
+        again at the next round of retries, said once; removed just before
+        the stop: written at the stop, which says so truly (recheck s47:
+        the stop said "kept in" of a file that was gone, and the next start
+        served the key).
+        """
+        self.table.start(self.clock)
+        self.revoke()
+        self.kept.path.unlink()
+        self.clock.advance(REVOKE_RETRY_SECONDS)
+        self.assertEqual(self.kept.load(), {self.key.hash: ("team", self.key.prefix)})
+        self.assertEqual(len(self.said("was removed while the gateway ran: written again")), 1)
+        self.kept.path.unlink()
+        self.table.stop()
+        self.assertEqual(self.kept.load(), {self.key.hash: ("team", self.key.prefix)})
+        self.assertIn("so the key is refused again at the next start", self.said("was never written")[0])
+
+    def test_stop_with_the_directory_gone(self) -> None:
+        """
+        STATE_DIR gone before the stop: the stop cannot keep the revokes,
+        and says the key works again (not "kept in").
+        """
+        self.table.start(self.clock)
+        self.revoke()
+        self.kept.path.unlink()
+        self.directory.rmdir()
+        self.table.stop()
+        [line] = self.said("was never written")
+        self.assertIn("the key works again when the gateway starts", line)
+        self.assertEqual(len(self.said("could not keep the key revokes")), 1)
+
     def test_stop_says_it_is_kept(self) -> None:
         self.table.start(self.clock)
         self.revoke()

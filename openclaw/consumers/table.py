@@ -953,7 +953,7 @@ class ConsumerTable:
         if self._revoke_retry is not None and self._revoke_retry.active():
             self._revoke_retry.cancel()
         self._revoke_retry = None
-        kept = self.revokes_file is not None and self.revokes_file.kept
+        kept = self._kept_at_stop()
         unsaved = sorted(set(self.revoking.values()))
         # Each named when it is lost (to be revoked again); ten when kept.
         for name, prefix in unsaved[:ADOPTED_REVOKES_SAID] if kept else unsaved:
@@ -995,6 +995,21 @@ class ConsumerTable:
             self._unwatch()
 
         return writing.addCallback(written)
+
+    def _kept_at_stop(self) -> bool:
+        """
+        Whether the revokes not saved are in their file for the next start:
+        written now, blocking (the file writer takes no more writes at the
+        stop), when it is gone (an C{rm} since its last write) or its last
+        write failed (recheck s47: the stop said "kept" of a file removed,
+        and the next start served the key).
+        """
+        revokes_file = self.revokes_file
+        if revokes_file is None or not self.revoking:
+            return False
+        if revokes_file.kept and not revokes_file.missing():
+            return True
+        return revokes_file.save_now(self.revoking)
 
     async def _write_last(self, reactor: IReactorTime | None, until: float | None) -> None:
         # A write under way first (its rows kept if it fails).
@@ -1876,6 +1891,18 @@ class ConsumerTable:
         round, not thousands.
         """
         self._revoke_retry = None
+        revokes_file = self.revokes_file
+        if revokes_file is not None and self.revoking and revokes_file.missing():
+            # Removed while the gateway runs (an rm, a cleaner): the next
+            # start would serve those keys.  Said once (a write that fails
+            # says why, and is tried again at each round, unsaid).
+            if revokes_file.kept:
+                self._log.warn(
+                    "{path}, which keeps the key revokes not saved to the database for the next start, was "
+                    "removed while the gateway ran: written again; keep cleaners away from STATE_DIR",
+                    path=str(revokes_file.path),
+                )
+            revokes_file.save(self.revoking, again=True)
         Deferred.fromCoroutine(self._retry_round())
 
     async def _retry_round(self) -> None:

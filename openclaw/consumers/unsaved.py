@@ -17,6 +17,7 @@ write at start finds the key gone, and drops it.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -148,13 +149,38 @@ class UnsavedRevokesFile:
 
         return self._writer.write(self.path, text).addCallbacks(lambda _: self._kept(), failed)
 
+    def missing(self) -> bool:
+        """
+        Whether nothing is at the file's path (an C{rm}, a cleaner): one
+        C{lstat}, on the reactor thread, as the lock files are checked
+        (L{openclaw.service.HeldLocks.check_files}).
+        """
+        return not os.path.lexists(self.path)
+
+    def save_now(self, revokes: Revokes) -> bool:
+        """
+        L{save} on the calling thread, blocking: at the gateway's stop,
+        whose file writer takes no more writes, for a file that is gone or
+        was not written (the stop says whether the revokes are kept).
+
+        @return: whether they are on disk.
+        """
+        text = self._document(revokes)
+        self._asked = text
+        try:
+            write_atomically(self.path, text)
+        except OSError as e:
+            return self._unkept(revokes, e)
+        return self._kept()
+
     def _kept(self) -> bool:
         self.kept = True
         return True
 
     def _unkept(self, revokes: Revokes, error: object) -> bool:
-        self.kept = False
-        if revokes:
+        # Said when they stop being kept, not at each try after.
+        said, self.kept = self.kept, False
+        if revokes and said:
             self._log.error(
                 "could not keep the key revokes not saved to the database in {path} ({error}): a restart before "
                 "the database takes them serves their keys again",
