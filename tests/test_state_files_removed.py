@@ -32,7 +32,7 @@ from openclaw.files import FILES_CHECK_SECONDS, PidLock
 from openclaw.service import HeldLocks
 from openclaw.session import SessionAuthority, TokenFileUnwritable
 from openclaw.writer import FileWriter
-from tests.support import capture_log_events, start_gateway
+from tests.support import capture_log_events, make_unwritable, start_gateway
 from tests.test_consumers import GATEWAY_KEY, GatewayCase
 from tests.test_dataplane import HELLO
 
@@ -189,6 +189,29 @@ class DatabaseRemovedTests(GatewayCase):
         self.assertEqual(said["log_level"], LogLevel.warn)
         self.assertIn(f"1 key revoke(s) not saved to the database; they are kept in {kept}", formatEvent(said))
         self.assertEqual(list(UnsavedRevokesFile(state_dir).load().values()), [("alpha", created["key_prefix"])])
+        self.flushLoggedErrors()
+
+    @inlineCallbacks
+    def test_companions_that_cannot_be_moved_aside_are_said(self) -> Any:
+        """
+        The lost database's -wal cannot be moved aside at the stop (its
+        directory immutable, or not writable): one critical line says so,
+        with the mv to run before starting again (recheck s47: nothing was
+        said, and the next database put there would have had it replayed
+        onto it).
+        """
+        gateway, _ = yield self.gateway()
+        database = gateway.service.settings.state_dir / "openclaw.db"
+        database.unlink()
+        yield self.wait_for("while the gateway runs", FILES_CHECK_SECONDS * 3)
+        make_unwritable(self, database.parent)
+        yield gateway.service.stopService()
+        said = _said(self.events, "could not be moved aside at the stop")
+        self.assertTrue(said, "nothing said")
+        line = formatEvent(said[0])
+        self.assertIn(f"{database}-", line)
+        self.assertIn("SQLite would replay it onto the next database put at", line)
+        self.assertIn(".lost", line)
         self.flushLoggedErrors()
 
     @inlineCallbacks

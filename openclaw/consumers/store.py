@@ -28,6 +28,7 @@ import hashlib
 import itertools
 import os
 import re
+import shlex
 import socket
 import sqlite3
 import stat
@@ -732,6 +733,8 @@ class ConsumerStore:
     @param bounds: how long a consumer command may take.
     """
 
+    _log = Logger()
+
     def __init__(
         self,
         pool: adbapi.ConnectionPool | Callable[[], adbapi.ConnectionPool],
@@ -969,7 +972,7 @@ class ConsumerStore:
 
         return deferToThreadPool(self.reactor, pool.threadpool, self._check_file).addCallback(found)
 
-    def _remove_lost_companions(self) -> None:
+    def _remove_lost_companions(self) -> list[tuple[Path, str]]:
         """
         Once the pool is closed (its thread), after the database's file
         was lost (L{lost}): move aside the C{-wal} and C{-shm} files still
@@ -983,17 +986,43 @@ class ConsumerStore:
         database moved away and never copied (a full disk) has its latest
         pages there only, which SQLite reads again once the three are put
         back together.
+
+        @return: the files that could not be moved (an immutable one, a
+            read-only file system), each with why, for L{said_stuck}.
         """
         path = self.database_path
         if self.lost is None or path is None:
-            return
+            return []
         when = compact(time.time())
+        stuck: list[tuple[Path, str]] = []
         for suffix in COMPANION_SUFFIXES:
             name = path.with_name(path.name + suffix)
             held = self._held_files.get(name)
             if held is not None and displaced(name, held) is None:
-                with contextlib.suppress(OSError):
+                try:
                     os.replace(name, name.with_name(f"{name.name}.lost-{when}"))
+                except OSError as e:
+                    stuck.append((name, e.strerror or str(e)))
+        return stuck
+
+    def said_stuck(self, stuck: list[tuple[Path, str]]) -> None:
+        """
+        Say (critical, one line each; reactor thread) the lost database's
+        C{-wal} and C{-shm} files that could not be moved aside at the
+        stop (L{_remove_lost_companions}): SQLite would replay them onto
+        the next database put at the path (recheck s47: nothing was said).
+        """
+        for name, error in stuck:
+            self._log.critical(
+                "the lost consumers' database's {name} could not be moved aside at the stop ({error}): SQLite would "
+                "replay it onto the next database put at {path} (a backup, the rescued copy); before starting the "
+                "gateway again, move it aside yourself (chattr -i first if lsattr shows it immutable): mv {quoted} "
+                "{quoted}.lost",
+                name=str(name),
+                error=error,
+                path=str(self.database_path),
+                quoted=shlex.quote(str(name)),
+            )
 
     def rescue(self, when: str) -> Deferred[Path | None]:
         """
@@ -1181,10 +1210,12 @@ class ConsumerStore:
         def close_pool() -> None:
             try:
                 pool.finalClose()
-                self._remove_lost_companions()
+                stuck = self._remove_lost_companions()
             except BaseException:
                 reactor.callFromThread(closed.errback, Failure())
             else:
+                if stuck:
+                    reactor.callFromThread(self.said_stuck, stuck)
                 reactor.callFromThread(closed.callback, True)
 
         threading.Thread(target=close_pool, name="openclaw-consumer-store-close", daemon=True).start()
