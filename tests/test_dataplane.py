@@ -862,6 +862,27 @@ class StreamFailureTests(DataPlaneTestCase):
         self.assertEqual([line["status"] for line in lines], [504, 504])
 
     @inlineCallbacks
+    def test_stream_longest_is_not_a_stall(self):
+        """
+        A stream that has sent nothing of its answer when
+        UPSTREAM_STREAM_MAX_SECONDS (below UPSTREAM_TIMEOUT) has passed is
+        a stall, failed over as one, not cut as a stream that went on too
+        long (review s47: it was a 504 stream_too_long, not failed over).
+        """
+        # Its headers, then keep-alive comments only.
+        self.upstream.kimi.mode = "trickle"
+        self.upstream.kimi.cut_after = 0
+        gateway = self.gateway(default_provider="kimi", upstream_stream_max_seconds=0.3, upstream_timeout=1.0)
+        client = self.sdk(gateway)
+
+        def consume() -> Any:
+            return list(client.chat.completions.create(model="moonshot-v1-8k", messages=HELLO, stream=True))
+
+        chunks = yield deferToThread(consume)
+        self.assertEqual(chunks[-1].choices[0].finish_reason, "stop")
+        self.assertEqual([e for e in self.events if e.get("outcome") == "stream_too_long"], [])
+
+    @inlineCallbacks
     def test_client_disconnect_cancels_upstream(self):
         self.upstream.kimi.chunk_interval = 0.2
         self.upstream.kimi.reply = "one two three four five six seven eight"

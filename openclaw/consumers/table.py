@@ -784,6 +784,8 @@ class ConsumerTable:
         self._revokes_writing: set[tuple[str, str]] = set()
         #: The next try of the revokes the database did not take.
         self._revoke_retry: IDelayedCall | None = None
+        #: A round of those tries is under way (L{_retry_round}).
+        self._retrying = False
         #: The keys of this table's usage rows (L{UsageRow.row_id}).
         self.row_ids = RowIds()
         #: The calls of GATEWAY_API_KEYS' keys (consumer C{-}), summed.
@@ -999,16 +1001,14 @@ class ConsumerTable:
     def _kept_at_stop(self) -> bool:
         """
         Whether the revokes not saved are in their file for the next start:
-        written now, blocking (the file writer takes no more writes at the
-        stop), when it is gone (an C{rm} since its last write) or its last
-        write failed (recheck s47: the stop said "kept" of a file removed,
-        and the next start served the key).
+        written now, blocking, as they are now (the file writer takes no
+        more writes at the stop; its last write may be older, have failed,
+        or the file been removed since: recheck s47, the stop said "kept"
+        of a file removed, and the next start served the key).
         """
         revokes_file = self.revokes_file
         if revokes_file is None or not self.revoking:
             return False
-        if revokes_file.kept and not revokes_file.missing():
-            return True
         return revokes_file.save_now(self.revoking)
 
     async def _write_last(self, reactor: IReactorTime | None, until: float | None) -> None:
@@ -1891,6 +1891,10 @@ class ConsumerTable:
         round, not thousands.
         """
         self._revoke_retry = None
+        if self._retrying:
+            # A round still under way (a slow database): the next after it.
+            self._retry_revokes_later()
+            return
         revokes_file = self.revokes_file
         if revokes_file is not None and self.revoking and revokes_file.missing():
             # Removed while the gateway runs (an rm, a cleaner): the next
@@ -1906,10 +1910,21 @@ class ConsumerTable:
         Deferred.fromCoroutine(self._retry_round())
 
     async def _retry_round(self) -> None:
+        self._retrying = True
+        try:
+            await self._retry_each()
+        finally:
+            self._retrying = False
+
+    async def _retry_each(self) -> None:
         written = 0
         for revoked in sorted(set(self.revoking.values()) - self._revokes_writing):
-            if revoked in self._revokes_writing:
-                # Given again by a command meanwhile: that write is its.
+            if self._stopping:
+                # The stop writes nothing more but the usage rows.
+                return
+            if revoked in self._revokes_writing or revoked not in set(self.revoking.values()):
+                # Given again by a command meanwhile (that write is its), or
+                # written since (by a command, or another instance's).
                 continue
             try:
                 await self._write_revoke(revoked)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from twisted.python.failure import Failure
 
 from openclaw.files import write_atomically
 from openclaw.state import UnsafeStateFile, read_state_file
-from openclaw.writer import FileWriter
+from openclaw.timefmt import compact
+from openclaw.writer import FileWriter, WriterStopped
 
 #: The file's name in C{STATE_DIR}.
 UNSAVED_REVOKES_FILE = "openclaw-revokes-unsaved.json"
@@ -70,6 +72,15 @@ class UnsavedRevokesFile:
         #: The text last asked of the file (L{load}'s, as it would write
         #: it): a save of the same is no write.  None: not known.
         self._asked: str | None = None
+        #: A write is under way (L{save}), the set last given, whether it
+        #: is to be written even if unchanged, and who waits for the next.
+        self._writing = False
+        self._latest: Revokes = {}
+        self._again = False
+        self._waiting: list[Deferred[bool]] = []
+        #: Each revoke's entry in the file, encoded once (a key's SHA-256
+        #: -> its JSON text).
+        self._entries: dict[str, str] = {}
 
     def load(self) -> dict[str, tuple[str, str]]:
         """
@@ -83,12 +94,20 @@ class UnsavedRevokesFile:
             self._asked = self._document({})
             return {}
         except (UnsafeStateFile, OSError, ValueError, RecursionError) as e:
+            # Kept for the operator, under another name: the next save
+            # would replace the only list of those keys (review s47).
+            aside = self.path.with_name(f"{self.path.name}.unread-{compact(time.time())}")
+            try:
+                os.rename(self.path, aside)
+            except OSError:
+                aside = self.path
             self._log.critical(
                 "could not read the key revokes not saved to the database by an earlier run from {path} ({error}): "
-                "their keys are served if the database still has them; see which with openclawctl consumer list, "
-                "and revoke them again",
+                "their keys are served if the database still has them; the file is kept as {aside}: see which "
+                "keys it names, and revoke them again",
                 path=str(self.path),
                 error=str(e),
+                aside=str(aside),
             )
             return {}
         entries = document.get("revokes_unsaved") if isinstance(document, dict) else None
@@ -122,16 +141,32 @@ class UnsavedRevokesFile:
 
     def save(self, revokes: Revokes, again: bool = False) -> Deferred[bool]:
         """
-        Replace the file with C{revokes} (an empty list when none), after
-        every write asked before (merged with one waiting: the last asked
-        is the file's).  Called on the reactor thread.
+        Replace the file with C{revokes} (an empty list when none).  Called
+        on the reactor thread.  One write at a time: those asked while one
+        is under way wait for it, then one more write takes the set last
+        given (a round of retries saving at each revoke it writes, or a
+        mass revocation, costs one encoding per write the disk takes, not
+        one per revoke).
 
-        @return: a Deferred firing with whether they are on disk (also
-            L{kept}); a failure to write is logged.  Never fails.  The
-            same as last asked (the revoke of a key that the database
-            took at once: none before, none after) is not written again,
-            unless C{again} (the file was lost with its directory).
+        @return: a Deferred firing with whether they (or a later set asked
+            since) are on disk (also L{kept}); a failure to write is logged,
+            but for the gateway's stop (its file writer takes no more
+            writes: the stop writes the file itself, L{save_now}).  Never
+            fails.  The same as last asked (the revoke of a key that the
+            database took at once: none before, none after) is not
+            written again, unless C{again} (the file was removed).
         """
+        self._latest = revokes
+        self._again = self._again or again
+        if self._writing:
+            waiting: Deferred[bool] = Deferred()
+            self._waiting.append(waiting)
+            return waiting
+        return self._write_latest()
+
+    def _write_latest(self) -> Deferred[bool]:
+        revokes, again = self._latest, self._again
+        self._again = False
         text = self._document(revokes)
         if text == self._asked and self.kept and not again:
             return succeed(True)
@@ -142,12 +177,29 @@ class UnsavedRevokesFile:
             except OSError as e:
                 return succeed(self._unkept(revokes, e))
             return succeed(self._kept())
+        self._writing = True
 
         def failed(reason: Failure) -> bool:
+            if isinstance(reason.value, WriterStopped):
+                # The stop: the file holds the last set written, and the
+                # stop writes the current one itself (L{save_now}).
+                return False
             error = reason.value if isinstance(reason.value, OSError) else reason.getErrorMessage()
             return self._unkept(revokes, error)
 
-        return self._writer.write(self.path, text).addCallbacks(lambda _: self._kept(), failed)
+        def done(kept: bool) -> bool:
+            self._writing = False
+            waiting, self._waiting = self._waiting, []
+            if waiting:
+                # The set last given meanwhile, in one more write.
+                self._write_latest().addCallback(answer, waiting)
+            return kept
+
+        def answer(kept: bool, waiting: list[Deferred[bool]]) -> None:
+            for each in waiting:
+                each.callback(kept)
+
+        return self._writer.write(self.path, text).addCallbacks(lambda _: self._kept(), failed).addCallback(done)
 
     def missing(self) -> bool:
         """
@@ -189,13 +241,19 @@ class UnsavedRevokesFile:
             )
         return False
 
-    @staticmethod
-    def _document(revokes: Revokes) -> str:
-        return json.dumps(
-            {
-                "revokes_unsaved": [
-                    {"sha256": hashed, "consumer": name, "key_prefix": prefix}
-                    for hashed, (name, prefix) in sorted(revokes.items())
-                ]
-            }
-        )
+    def _document(self, revokes: Revokes) -> str:
+        """
+        The file's text for C{revokes}: its entries encoded once each
+        (L{_entries}) and joined, in the order they were revoked.
+        """
+        entries = self._entries
+        if len(entries) > 2 * len(revokes) + 1024:
+            # Those saved since are dropped now and then.
+            self._entries = entries = {hashed: entries[hashed] for hashed in revokes if hashed in entries}
+        parts = []
+        for hashed, (name, prefix) in revokes.items():
+            entry = entries.get(hashed)
+            if entry is None:
+                entry = entries[hashed] = json.dumps({"sha256": hashed, "consumer": name, "key_prefix": prefix})
+            parts.append(entry)
+        return '{"revokes_unsaved": [' + ", ".join(parts) + "]}"

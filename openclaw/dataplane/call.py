@@ -1250,11 +1250,11 @@ class ChatCall:
             # (L{COMPLETE_STREAM_GRACE_SECONDS}): the answer is whole,
             # and the provider's connection is let go at once.
             return self._close_stream(translation, drain=False)
-        if self._start is not None and self._stream_too_long():
+        if self._stream_sent() and self._stream_too_long():
             # A provider that goes on sending (a model looping, a proxy
-            # feeding events): cut, told in the stream (or, in the
-            # unlikely case that nothing of it was sent, as the answer:
-            # not failed over, the call's time is up).
+            # feeding events): cut, told in the stream.  One that has sent
+            # nothing of an answer yet is a stall (below: failed over, or
+            # a 504), whatever UPSTREAM_STREAM_MAX_SECONDS says.
             return self._fail(stream_too_long(self.route.provider_id, self.context.stream_max_seconds))
         waiting_for = self._waiting_for
         if waiting_for is None:
@@ -1277,7 +1277,9 @@ class ChatCall:
         came (L{_upstream_wait} bounds every wait by that).
         """
         context = self.context
-        return context.reactor.seconds() - self.started >= context.stream_max_seconds
+        # As L{_upstream_wait} reckons the deadline (not now - started,
+        # which a float can make a hair short of it).
+        return context.reactor.seconds() >= self.started + context.stream_max_seconds
 
     def shut_down(self) -> None:
         """
