@@ -42,6 +42,19 @@ _RULE = "━" * 58
 _TOKEN_FILE_CONTENT = re.compile(rb"(?:[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\n?)?")
 
 
+#: The UTF-8 byte order mark an editor (Notepad) may put first.
+_BOM = b"\xef\xbb\xbf"
+
+
+def token_text(held: bytes) -> bytes:
+    """
+    What a token file written by hand holds, as C{openclawctl
+    --token-file} and the gateway read it: without a UTF-8 byte order
+    mark and the blanks around it.
+    """
+    return held.removeprefix(_BOM).strip()
+
+
 def is_token_file_content(held: bytes) -> bool:
     """
     Whether C{held}, a file's content, is a token file's: empty, or one
@@ -50,7 +63,7 @@ def is_token_file_content(held: bytes) -> bool:
     that a file C{openclawctl} takes its token from may be replaced by the
     next one.
     """
-    return not held or holds_a_token(held.strip())
+    return not held or holds_a_token(token_text(held))
 
 
 #: The most bytes of a token file read: a token is a few hundred.
@@ -674,7 +687,7 @@ class SessionAuthority:
         operator using the file was refused by the other instances (trial
         s25).
         """
-        text = held.strip().decode("ascii")
+        text = token_text(held).decode("ascii")
         if not text:
             return False
         try:
@@ -740,7 +753,7 @@ class SessionAuthority:
                     "REDIS_URL, CLUSTER_NAME); remove the file if it is stale"
                 )
             return None
-        if held.strip() in mine:
+        if token_text(held) in mine:
             return None
         return "it no longer holds this gateway's session token: another gateway or an operator wrote it"
 

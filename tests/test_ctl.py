@@ -470,7 +470,9 @@ class ParseRequestTests(TestCase):
         # none yet: accepted.
         (directory / "empty").touch()
         (directory / "spaced").write_bytes(f"  {TOKEN_LIKE} \r\n".encode())
-        for name in ("target", "empty", "new", "spaced"):
+        # And a UTF-8 byte order mark first, as Notepad writes it (recheck s47).
+        (directory / "bom").write_bytes(f"\ufeff{TOKEN_LIKE}\r\n".encode())
+        for name in ("target", "empty", "new", "spaced", "bom"):
             parsed = self.parse("--token", "T", "rotate-token", "--token-file", str(directory / name))
             self.assertEqual(parsed.token_file, directory / name)
 
@@ -1274,7 +1276,7 @@ class ConsoleScriptTests(TestCase):
         old = self.gateway.token
         token_file = Path(self.mktemp())
         token_file.parent.mkdir(parents=True, exist_ok=True)
-        token_file.write_bytes(f" {old} \r\n".encode())
+        token_file.write_bytes(f"\ufeff {old} \r\n".encode())
         token_file.chmod(0o600)
         out, err, code = yield self.ctl("rotate-token", "--token-file", str(token_file))
         self.assertEqual((err, code), ("", 0))

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from openclaw.ctl.request import PROG, Reply, Request
 from openclaw.ctl.show import PRINTED_MAX, QUOTED_MAX, Report, printable, render
 from openclaw.files import OwnerNotKept
-from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, read_token_file, write_token_file
+from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, read_token_file, token_text, write_token_file
 
 
 def decode_answer(payload: bytes) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def holds_token(token_file: Path, token: str) -> bool:
         return False
     # Read as choose_token reads it (stripped: a CRLF or a trailing space
     # of a file written by hand).
-    return held is not None and held.strip() == token.encode("utf-8")
+    return held is not None and token_text(held) == token.encode("utf-8")
 
 
 def save_token(token_file: Path, token: str, presented: str | None = None) -> Literal["written", "held", "newer"]:

@@ -32,7 +32,7 @@ from openclaw.ctl.request import (
     unix_socket_path,
 )
 from openclaw.files import MAX_UNIX_PATH_BYTES, kind_of, read_regular_file
-from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, holds_a_token
+from openclaw.session import MAX_TOKEN_FILE_BYTES, UnsafeTokenFile, check_token_file, holds_a_token, token_text
 from openclaw.settings.errors import InvalidValue
 from openclaw.settings.permissions import open_to_others
 from openclaw.settings.values import numeral
@@ -429,7 +429,7 @@ def choose_token(token: str | None, token_file: Path | None, environ: Mapping[st
                 f"cannot read the token file {token_file}: {getattr(e, 'strerror', None) or e}; "
                 "the gateway writes it when started with TOKEN_FILE / --token-file"
             ) from None
-        content = raw.strip()
+        content = token_text(raw)
         if not content:
             raise UsageError(
                 f"the token file {token_file} is empty; name the file the gateway was started with "
