@@ -212,8 +212,9 @@ class UnsavedRevokesFile:
     def save_now(self, revokes: Revokes) -> bool:
         """
         L{save} on the calling thread, blocking: at the gateway's stop,
-        whose file writer takes no more writes, for a file that is gone or
-        was not written (the stop says whether the revokes are kept).
+        whose file writer takes no more writes (its last write may be
+        older than the set now, have failed, or the file been removed
+        since); the stop says whether the revokes are kept.
 
         @return: whether they are on disk.
         """
